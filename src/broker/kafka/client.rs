@@ -1,0 +1,106 @@
+//! Building rdkafka clients from a `KafkaTarget`, and mapping librdkafka errors to ours.
+
+use crate::endpoint::KafkaTarget;
+use crate::error::{Error, Result};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use std::time::Duration;
+
+const SERVICE: &str = "Kafka";
+/// How long one metadata/offset request may take before the broker counts as unreachable.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn base_config(target: &KafkaTarget, client_id: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &target.bootstrap_servers)
+        .set("client.id", client_id)
+        // Fail fast on a wrong address instead of librdkafka's minute-long default.
+        .set("socket.connection.setup.timeout.ms", "5000")
+        .set("log_level", "3");
+    for (key, value) in &target.client_config {
+        config.set(key, value);
+    }
+    config
+}
+
+/// A consumer that never subscribes: it reads metadata, watermarks and a group's offsets
+/// without joining the group.
+pub fn observer(target: &KafkaTarget, group: &str) -> Result<BaseConsumer> {
+    let mut config = base_config(target, "mqdrain-observer");
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("allow.auto.create.topics", "false");
+    config
+        .create()
+        .map_err(|error| client_setup_error(target, &error))
+}
+
+pub fn admin(target: &KafkaTarget) -> Result<AdminClient<DefaultClientContext>> {
+    base_config(target, "mqdrain-admin")
+        .create()
+        .map_err(|error| client_setup_error(target, &error))
+}
+
+pub fn admin_options() -> AdminOptions {
+    AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT))
+}
+
+fn client_setup_error(target: &KafkaTarget, error: &KafkaError) -> Error {
+    Error::usage(format!(
+        "cannot set up a Kafka client for {}: {error}; check the -X settings",
+        target.bootstrap_servers
+    ))
+}
+
+/// Maps a librdkafka error on a request to the broker.
+pub fn request_error(target: &KafkaTarget, what: &str, error: &KafkaError) -> Error {
+    match error.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::BrokerNotAvailable,
+        ) => Error::Unreachable {
+            service: SERVICE,
+            endpoint: format!("kafka://{}", target.bootstrap_servers),
+            detail: format!("{what}: {error}"),
+        },
+        Some(
+            RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ) => Error::AccessRefused {
+            service: SERVICE,
+            endpoint: format!("kafka://{}", target.bootstrap_servers),
+            user: target
+                .client_config
+                .iter()
+                .find(|(key, _)| key == "sasl.username")
+                .map_or_else(|| "(none)".to_string(), |(_, user)| user.clone()),
+        },
+        _ => Error::Broker(format!(
+            "Kafka at {}: {what}: {error}",
+            target.bootstrap_servers
+        )),
+    }
+}
+
+/// Runs a blocking librdkafka call off the async runtime's threads.
+pub async fn blocking<T, F>(call: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|error| Error::Broker(format!("a Kafka client call failed to run: {error}")))?
+}

@@ -1,0 +1,4 @@
+//! Kafka behind the broker boundary: rdkafka clients, topic/group inspection.
+
+pub mod client;
+pub mod inspect;

@@ -1,0 +1,4 @@
+//! The broker boundary: everything broker-specific lives below here.
+
+pub mod kafka;
+pub mod rabbitmq;

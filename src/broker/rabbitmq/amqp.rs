@@ -1,0 +1,153 @@
+//! AMQP 0-9-1 connections to RabbitMQ through lapin, and the mapping of its errors to ours.
+
+use crate::endpoint::RabbitTarget;
+use crate::error::{Error, Result};
+use lapin::options::QueueDeclareOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::types::FieldTable;
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+
+const SERVICE: &str = "RabbitMQ (AMQP)";
+
+/// Prefix of every connection name this tool opens, so that consumer listings can tell ours apart.
+pub const CONNECTION_NAME_PREFIX: &str = "mqdrain ";
+
+/// What a passive declare tells without the management API.
+#[derive(Debug, Clone, Copy)]
+pub struct PassiveCounts {
+    /// Ready messages only: messages a consumer holds unacked are not counted by queue.declare.
+    pub ready: u64,
+    pub consumers: u64,
+}
+
+pub async fn connect(target: &RabbitTarget, purpose: &str) -> Result<Connection> {
+    let uri = AMQPUri {
+        scheme: if target.tls {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        },
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo {
+                username: target.username.clone(),
+                password: target.password.clone(),
+            },
+            host: target.host.clone(),
+            port: target.port,
+        },
+        vhost: target.vhost.clone(),
+        query: AMQPQueryString {
+            heartbeat: target.heartbeat,
+            connection_timeout: Some(10_000),
+            ..AMQPQueryString::default()
+        },
+    };
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("{CONNECTION_NAME_PREFIX}{purpose}").into());
+    let tls =
+        lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: match &target.ca_file {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|error| {
+                    Error::usage(format!("cannot read CA file '{path}': {error}"))
+                })?),
+                None => None,
+            },
+        };
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|error| Error::Broker(format!("cannot start the AMQP runtime: {error}")))?;
+    Connection::connect_uri_with_config(uri, properties, tls, runtime)
+        .await
+        .map_err(|error| connection_error(target, &error))
+}
+
+/// Ready count and consumer count of a queue; `NotFound` when it does not exist.
+pub async fn passive_declare(
+    connection: &Connection,
+    target: &RabbitTarget,
+    queue: &str,
+) -> Result<PassiveCounts> {
+    // A failed passive declare closes its channel, so each probe gets a fresh one.
+    let channel = open_channel(connection, target).await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|error| channel_error(target, queue, &error))?;
+    let _ = channel.close(200, "done".into()).await;
+    Ok(PassiveCounts {
+        ready: u64::from(declared.message_count()),
+        consumers: u64::from(declared.consumer_count()),
+    })
+}
+
+pub async fn open_channel(connection: &Connection, target: &RabbitTarget) -> Result<Channel> {
+    connection
+        .create_channel()
+        .await
+        .map_err(|error| connection_error(target, &error))
+}
+
+pub fn queue_not_found(target: &RabbitTarget, queue: &str) -> Error {
+    Error::NotFound {
+        kind: "queue",
+        name: queue.to_string(),
+        scope: format!(" in vhost '{}'", target.vhost),
+        hint: "check the name and the vhost in --url (amqp://host/VHOST); `rabbitmqctl list_queues -p VHOST` lists them".to_string(),
+    }
+}
+
+/// Maps an error on a queue operation, naming the queue when the broker says it is missing.
+pub fn channel_error(target: &RabbitTarget, queue: &str, error: &lapin::Error) -> Error {
+    if let ErrorKind::ProtocolError(amqp) = error.kind() {
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) {
+            return queue_not_found(target, queue);
+        }
+    }
+    connection_error(target, error)
+}
+
+pub fn connection_error(target: &RabbitTarget, error: &lapin::Error) -> Error {
+    let endpoint = target.amqp_redacted();
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Error::Broker(format!(
+                "{SERVICE} at {endpoint}: user '{}' may not use vhost '{}' ({}); check the vhost in the URL and the user's permissions",
+                target.username,
+                target.vhost,
+                amqp.get_message()
+            )),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Error::Broker(format!(
+                "{SERVICE} at {endpoint} refused the operation: {}; check the user's permissions",
+                amqp.get_message()
+            )),
+            _ => Error::Broker(format!("{SERVICE} at {endpoint}: {}", amqp.get_message())),
+        },
+        ErrorKind::IOError(io) => Error::Unreachable {
+            service: SERVICE,
+            endpoint,
+            detail: io.to_string(),
+        },
+        ErrorKind::AuthProviderError(_) => access_refused(target),
+        ErrorKind::InvalidConnectionState(_) => {
+            // RabbitMQ drops the socket during the handshake when the credentials are wrong.
+            access_refused(target)
+        }
+        other => Error::Broker(format!("{SERVICE} at {endpoint}: {other:?}")),
+    }
+}
+
+fn access_refused(target: &RabbitTarget) -> Error {
+    Error::AccessRefused {
+        service: SERVICE,
+        endpoint: target.amqp_redacted(),
+        user: target.username.clone(),
+    }
+}

@@ -1,0 +1,6 @@
+//! RabbitMQ behind the broker boundary: AMQP through lapin, statistics through the management API.
+
+pub mod amqp;
+pub mod inspect;
+pub mod management;
+pub mod settings;
