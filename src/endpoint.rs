@@ -176,11 +176,13 @@ fn parse_rabbit(
     let mut heartbeat = None;
     for (key, value) in parsed.query_pairs() {
         match key.as_ref() {
-            "heartbeat" => heartbeat = Some(value.parse().map_err(|_| {
-                Error::usage(format!(
+            "heartbeat" => {
+                heartbeat = Some(value.parse().map_err(|_| {
+                    Error::usage(format!(
                     "invalid heartbeat '{value}' in the AMQP URL: give seconds, e.g. ?heartbeat=30"
                 ))
-            })?),
+                })?)
+            }
             other => {
                 return Err(Error::usage(format!(
                     "unsupported AMQP URL parameter '{other}': only heartbeat is understood"

@@ -59,7 +59,18 @@ pub async fn connect(target: &RabbitTarget, purpose: &str) -> Result<Connection>
         .map_err(|error| Error::Broker(format!("cannot start the AMQP runtime: {error}")))?;
     Connection::connect_uri_with_config(uri, properties, tls, runtime)
         .await
-        .map_err(|error| connection_error(target, &error))
+        .map_err(|error| match error.kind() {
+            // During the handshake ACCESS_REFUSED means the login itself failed.
+            ErrorKind::ProtocolError(amqp)
+                if matches!(
+                    amqp.kind(),
+                    AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                ) =>
+            {
+                access_refused(target)
+            }
+            _ => connection_error(target, &error),
+        })
 }
 
 /// Ready count and consumer count of a queue; `NotFound` when it does not exist.

@@ -1,0 +1,71 @@
+//! Command-line parsing: help for every subcommand, usage errors exit 2.
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn every_subcommand_has_help() {
+    let top = mqdrain(&["--help"]).await;
+    assert!(top.status.success());
+    let text = String::from_utf8_lossy(&top.stdout).into_owned();
+    assert!(text.contains("Exit codes"), "{text}");
+    let subcommands: Vec<&str> = text
+        .lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    assert!(subcommands.contains(&"inspect"), "{subcommands:?}");
+    for subcommand in subcommands {
+        let output = mqdrain(&[subcommand, "--help"]).await;
+        assert!(output.status.success(), "{subcommand} --help");
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(help.contains("Usage: mqdrain"), "{subcommand}: {help}");
+        assert!(help.contains("--url"), "{subcommand}: {help}");
+    }
+}
+
+#[tokio::test]
+async fn bad_url_scheme_exits_2() {
+    let output = mqdrain(&["--url", "mqtt://user:Sup3rSecret@h", "inspect", "q"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(text.contains("unsupported URL"), "{text}");
+    assert!(!text.contains("Sup3rSecret"), "{text}");
+}
+
+#[tokio::test]
+async fn missing_url_and_unknown_flag_exit_2() {
+    let output = mqdrain(&["inspect", "q"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--url"), "{}", stderr(&output));
+    let output = mqdrain(&["inspect", "q", "--no-such-flag"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    let output = mqdrain(&["--url", "kafka://h:1", "inspect", "q", "--sample", "soon"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("not a duration"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[tokio::test]
+async fn json_errors_are_documents_too() {
+    let output = mqdrain(&[
+        "--url",
+        "amqp://guest:guest@127.0.0.1:1/",
+        "inspect",
+        "q",
+        "--output",
+        "json",
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(4));
+    let document = stdout_json(&output);
+    assert_eq!(document["exit_code"], 4);
+    assert!(document["error"].as_str().unwrap().contains("cannot reach"));
+}
