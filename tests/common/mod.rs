@@ -182,3 +182,91 @@ pub async fn delete_policy(name: &str) {
         .send()
         .await;
 }
+
+pub mod kafka {
+    //! The test's own Kafka clients: topic creation, a producer, a group that commits.
+
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Offset, TopicPartitionList};
+    use std::time::Duration;
+
+    fn config() -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", super::kafka_bootstrap());
+        config
+    }
+
+    pub async fn create_topic(topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+        let admin: AdminClient<DefaultClientContext> = config().create().expect("admin client");
+        let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        for (key, value) in configs {
+            new_topic = new_topic.set(key, value);
+        }
+        let results = admin
+            .create_topics([&new_topic], &AdminOptions::new())
+            .await
+            .expect("create topics request");
+        for result in results {
+            result.expect("topic created");
+        }
+    }
+
+    /// Produces `count` keyed messages into one partition; returns once all are delivered.
+    pub async fn produce(topic: &str, partition: i32, count: usize) {
+        let producer: FutureProducer = config()
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        let mut deliveries = Vec::with_capacity(count);
+        for index in 0..count {
+            let key = format!("key-{}", index % 7);
+            let payload = format!("p{partition}-m{index}");
+            let record = FutureRecord::to(topic)
+                .partition(partition)
+                .key(&key)
+                .payload(&payload);
+            deliveries.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(error, _)| error)
+                    .expect("enqueue"),
+            );
+        }
+        for delivery in deliveries {
+            delivery.await.expect("delivery").expect("delivered");
+        }
+    }
+
+    /// Commits `offsets[p]` for partition p under `group`, from a client that never joins it.
+    pub fn commit(group: &str, topic: &str, offsets: &[i64]) {
+        let consumer: BaseConsumer = config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in offsets.iter().enumerate() {
+            list.add_partition_offset(topic, partition as i32, Offset::Offset(*offset))
+                .expect("offset");
+        }
+        consumer.commit(&list, CommitMode::Sync).expect("commit");
+    }
+
+    /// Deletes records below `offset` in partition 0 (advances the low watermark).
+    pub async fn delete_records_before(topic: &str, partition: i32, offset: i64) -> Result<(), String> {
+        let admin: AdminClient<DefaultClientContext> = config().create().expect("admin client");
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .expect("offset");
+        admin
+            .delete_records(&list, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .await
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    }
+}
