@@ -11,7 +11,11 @@ async fn inspect_json(topic: &str, extra: &[&str]) -> Value {
     let mut args = vec!["--url", url.as_str(), "inspect", topic, "--output", "json"];
     args.extend_from_slice(extra);
     let output = mqdrain(&args).await;
-    assert!(output.status.success(), "inspect failed: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "inspect failed: {}",
+        stderr(&output)
+    );
     stdout_json(&output)
 }
 
@@ -55,7 +59,11 @@ async fn lag_per_partition_is_exact() {
     assert_eq!(report["settings"]["retention_ms"], 604_800_000_i64);
     assert_eq!(report["members"], serde_json::json!([]));
     assert_eq!(report["drain"]["state"], "stalled");
-    assert_eq!(report["warnings"], serde_json::json!([]), "healthy: {report}");
+    assert_eq!(
+        report["warnings"],
+        serde_json::json!([]),
+        "healthy: {report}"
+    );
 }
 
 #[tokio::test]
@@ -127,7 +135,10 @@ async fn unconsumed_head_next_to_deletion_warns() {
     let report = inspect_json(&topic, &["--group", &group, "--sample", "0s"]).await;
     let codes = warning_codes(&report);
     assert!(codes.contains(&"retention-near".to_string()), "{report}");
-    assert!(!codes.contains(&"retention-data-loss".to_string()), "{report}");
+    assert!(
+        !codes.contains(&"retention-data-loss".to_string()),
+        "{report}"
+    );
 }
 
 #[tokio::test]
@@ -136,7 +147,11 @@ async fn unknown_topic_and_group_exit_3() {
     let topic = unique("missing");
     let output = mqdrain(&["--url", &url, "inspect", &topic]).await;
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
-    assert!(stderr(&output).contains(&format!("topic '{topic}' not found")), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("topic '{topic}' not found")),
+        "{}",
+        stderr(&output)
+    );
 
     let existing = unique("exists");
     kafka::create_topic(&existing, 1, &[]).await;
@@ -163,6 +178,9 @@ async fn unreachable_kafka_exits_4() {
     .await;
     assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
     let text = stderr(&output);
-    assert!(text.contains("cannot reach Kafka at kafka://127.0.0.1:1"), "{text}");
+    assert!(
+        text.contains("cannot reach Kafka at kafka://127.0.0.1:1"),
+        "{text}"
+    );
     assert!(!text.contains("Sup3rSecret"), "{text}");
 }

@@ -1,4 +1,86 @@
-//! The broker boundary: everything broker-specific lives below here.
+//! The broker boundary: the source and sink traits the forwarding loop is written against, and
+//! everything broker-specific below `rabbitmq` and `kafka`.
 
 pub mod kafka;
 pub mod rabbitmq;
+
+use crate::error::Result;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// Where a message sits in its source: a lane (Kafka partition; RabbitMQ has one lane) and an
+/// increasing position inside it (Kafka offset; AMQP delivery tag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub lane: u32,
+    pub seq: u64,
+}
+
+/// Which part of a message the key-hash strategy hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// AMQP routing key, or the Kafka record key.
+    RoutingKey,
+    /// AMQP `message-id` property.
+    MessageId,
+    /// A header value (AMQP header or Kafka record header).
+    Header(String),
+}
+
+/// A consumed backlog. Messages are acknowledged only after the sink confirmed them.
+pub trait Source: Send {
+    type Message: Send + Sync + 'static;
+
+    /// The next message, or `None` when none arrived within `wait`.
+    fn receive(
+        &mut self,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Option<Self::Message>>> + Send;
+
+    fn position(message: &Self::Message) -> Position;
+
+    /// The bytes key-hash routes on, if the message has that key.
+    fn key<'m>(message: &'m Self::Message, key: &KeySource) -> Option<&'m [u8]>;
+
+    /// Every message of `position.lane` up to and including `position.seq` is confirmed by the
+    /// sink and may be removed from the source for good.
+    fn acknowledge(&mut self, position: Position) -> impl Future<Output = Result<()>> + Send;
+
+    /// Stops consuming and makes acknowledgements durable; everything received but not
+    /// acknowledged returns to the broker for redelivery.
+    fn close(self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Why the target broker did not take a message.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: String,
+    /// False when retrying cannot help (the connection is gone).
+    pub retryable: bool,
+}
+
+/// Resolves when the target broker confirmed the message, or refused it.
+pub type Confirmation = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send>>;
+
+/// The temporary capacity messages are forwarded into.
+pub trait Sink: Send {
+    type Message: Send + Sync + 'static;
+
+    /// Targets available to each source lane (temporary queues, or partitions per block).
+    fn fanout(&self) -> usize;
+
+    /// Display name of target `index` of `lane`.
+    fn target_name(&self, lane: u32, index: usize) -> String;
+
+    /// Publishes `message` to target `index` of `lane`; the message keeps every property.
+    fn send(
+        &mut self,
+        lane: u32,
+        index: usize,
+        message: &Self::Message,
+    ) -> impl Future<Output = Result<Confirmation>> + Send;
+
+    /// Finishes outstanding work (flushes producers) before the process ends.
+    fn close(self) -> impl Future<Output = Result<()>> + Send;
+}

@@ -28,6 +28,22 @@ pub enum Event {
     StepFinished {
         step: String,
     },
+    /// The forwarding loop's counters.
+    Forwarded {
+        forwarded: u64,
+        in_flight: u64,
+        retries: u64,
+        /// Messages per second since the loop started.
+        rate: f64,
+    },
+    /// One sample of a queue's depth or a topic's lag (`null` when unknown), with its rates.
+    Backlog {
+        name: String,
+        depth: Option<u64>,
+        in_rate: Option<f64>,
+        out_rate: Option<f64>,
+        eta_secs: Option<f64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]

@@ -14,7 +14,7 @@ pub fn progress_for(format: OutputFormat) -> Progress {
     match format {
         OutputFormat::Json => Arc::new(progress::JsonLines),
         OutputFormat::Human if std::io::stderr().is_terminal() => Arc::new(progress::Bars::new()),
-        OutputFormat::Human => Arc::new(progress::PlainLines),
+        OutputFormat::Human => Arc::new(progress::PlainLines::default()),
     }
 }
 

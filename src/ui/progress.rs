@@ -1,9 +1,14 @@
 //! Renderers of progress events: indicatif on a terminal, plain lines in CI, JSON lines.
 
+use crate::ops::inspect::human_secs;
 use crate::progress::{Event, Level, ProgressSink};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Plain output repeats a counter line at most this often per counter.
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
 /// One JSON object per event on stderr, so stdout stays a clean result document.
 pub struct JsonLines;
@@ -17,7 +22,27 @@ impl ProgressSink for JsonLines {
 }
 
 /// Timestamped lines for logs and CI, where bars would be noise.
-pub struct PlainLines;
+#[derive(Default)]
+pub struct PlainLines {
+    last_printed: Mutex<HashMap<String, Instant>>,
+}
+
+impl PlainLines {
+    /// True when the counter `name` was not printed within `PLAIN_EVERY`.
+    fn due(&self, name: &str) -> bool {
+        let Ok(mut last) = self.last_printed.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        match last.get(name) {
+            Some(at) if now.duration_since(*at) < PLAIN_EVERY => false,
+            _ => {
+                last.insert(name.to_string(), now);
+                true
+            }
+        }
+    }
+}
 
 impl ProgressSink for PlainLines {
     fn emit(&self, event: Event) {
@@ -26,21 +51,78 @@ impl ProgressSink for PlainLines {
             Event::Sampling { .. } => return,
             Event::Notice { level, message } => format!("{}: {message}", level_word(level)),
             Event::StepFinished { step } => format!("{step}: done"),
+            Event::Forwarded {
+                forwarded,
+                in_flight,
+                retries,
+                rate,
+            } => {
+                if !self.due("forwarded") {
+                    return;
+                }
+                format!("forwarded {forwarded} ({rate:.0} msg/s, {in_flight} in flight, {retries} retries)")
+            }
+            Event::Backlog {
+                name,
+                depth,
+                in_rate,
+                out_rate,
+                eta_secs,
+            } => {
+                if !self.due(&name) {
+                    return;
+                }
+                backlog_line(&name, depth, in_rate, out_rate, eta_secs)
+            }
         };
         eprintln!("{} {text}", utc_timestamp());
     }
 }
 
+fn backlog_line(
+    name: &str,
+    depth: Option<u64>,
+    in_rate: Option<f64>,
+    out_rate: Option<f64>,
+    eta_secs: Option<f64>,
+) -> String {
+    let rate = |value: Option<f64>| value.map_or_else(|| "?".to_string(), |v| format!("{v:.0}/s"));
+    format!(
+        "{name}: depth {} in {} out {} eta {}",
+        depth.map_or_else(|| "unknown".to_string(), |d| d.to_string()),
+        rate(in_rate),
+        rate(out_rate),
+        eta_secs.map_or_else(|| "-".to_string(), human_secs)
+    )
+}
+
 /// indicatif spinners and bars for an operator at a terminal.
 pub struct Bars {
-    current: Mutex<Option<ProgressBar>>,
+    multi: MultiProgress,
+    state: Mutex<BarState>,
+}
+
+#[derive(Default)]
+struct BarState {
+    step: Option<ProgressBar>,
+    forwarded: Option<ProgressBar>,
+    backlogs: HashMap<String, ProgressBar>,
 }
 
 impl Bars {
     pub fn new() -> Self {
         Bars {
-            current: Mutex::new(None),
+            multi: MultiProgress::new(),
+            state: Mutex::new(BarState::default()),
         }
+    }
+
+    fn bar(&self, template: &str) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(0));
+        bar.set_style(
+            ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
     }
 }
 
@@ -52,27 +134,23 @@ impl Default for Bars {
 
 impl ProgressSink for Bars {
     fn emit(&self, event: Event) {
-        let Ok(mut current) = self.current.lock() else {
+        let Ok(mut state) = self.state.lock() else {
             return;
         };
         match event {
             Event::StepStarted { step, detail } => {
-                let bar = ProgressBar::new_spinner();
-                bar.set_style(
-                    ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                );
+                let bar = self.bar("{spinner} {prefix:.bold} {wide_msg}");
                 bar.set_prefix(step);
                 bar.set_message(detail);
                 bar.enable_steady_tick(Duration::from_millis(120));
-                *current = Some(bar);
+                state.step = Some(bar);
             }
             Event::Sampling {
                 what,
                 elapsed,
                 total,
             } => {
-                if let Some(bar) = current.as_ref() {
+                if let Some(bar) = state.step.as_ref() {
                     bar.set_message(format!(
                         "measuring {what}: {:.0}s of {:.0}s",
                         elapsed.as_secs_f64(),
@@ -81,16 +159,70 @@ impl ProgressSink for Bars {
                 }
             }
             Event::Notice { level, message } => {
-                let line = format!("{}: {message}", level_word(level));
-                match current.as_ref() {
-                    Some(bar) => bar.println(line),
-                    None => eprintln!("{line}"),
-                }
+                let _ = self
+                    .multi
+                    .println(format!("{}: {message}", level_word(level)));
             }
             Event::StepFinished { .. } => {
-                if let Some(bar) = current.take() {
+                if let Some(bar) = state.step.take() {
                     bar.finish_and_clear();
                 }
+                for (_, bar) in state.backlogs.drain() {
+                    bar.finish();
+                }
+                if let Some(bar) = state.forwarded.take() {
+                    bar.finish();
+                }
+            }
+            Event::Forwarded {
+                forwarded,
+                in_flight,
+                retries,
+                rate,
+            } => {
+                let bar = state
+                    .forwarded
+                    .get_or_insert_with(|| self.bar("forwarded {bar:30.green} {pos}/{len} {msg}"));
+                bar.set_position(forwarded);
+                if bar.length().unwrap_or(0) < forwarded {
+                    bar.set_length(forwarded);
+                }
+                bar.set_message(format!(
+                    "{rate:.0} msg/s, {in_flight} in flight, {retries} retries"
+                ));
+            }
+            Event::Backlog {
+                name,
+                depth,
+                in_rate,
+                out_rate,
+                eta_secs,
+            } => {
+                if let (Some(depth), Some(forwarded)) = (depth, state.forwarded.as_ref()) {
+                    // The forward bar's total is what is done plus what is left at the source.
+                    forwarded.set_length(forwarded.position() + depth);
+                }
+                let bar = match state.backlogs.get(&name) {
+                    Some(bar) => bar.clone(),
+                    None => {
+                        let bar = self.bar("{prefix:>24} {bar:30.cyan} {msg}");
+                        bar.set_prefix(name.clone());
+                        state.backlogs.insert(name.clone(), bar.clone());
+                        bar
+                    }
+                };
+                if let Some(depth) = depth {
+                    // Bars show what has drained: the peak depth seen is the full length.
+                    if bar.length().unwrap_or(0) < depth {
+                        bar.set_length(depth);
+                    }
+                    bar.set_position(bar.length().unwrap_or(0).saturating_sub(depth));
+                }
+                bar.set_message(
+                    backlog_line("", depth, in_rate, out_rate, eta_secs)
+                        .trim_start_matches(": ")
+                        .to_string(),
+                );
             }
         }
     }

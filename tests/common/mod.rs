@@ -258,13 +258,20 @@ pub mod kafka {
     }
 
     /// Deletes records below `offset` in partition 0 (advances the low watermark).
-    pub async fn delete_records_before(topic: &str, partition: i32, offset: i64) -> Result<(), String> {
+    pub async fn delete_records_before(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<(), String> {
         let admin: AdminClient<DefaultClientContext> = config().create().expect("admin client");
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(topic, partition, Offset::Offset(offset))
             .expect("offset");
         admin
-            .delete_records(&list, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .delete_records(
+                &list,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
             .await
             .map(|_| ())
             .map_err(|error| error.to_string())

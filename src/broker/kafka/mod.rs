@@ -1,4 +1,5 @@
 //! Kafka behind the broker boundary: rdkafka clients, topic/group inspection.
 
 pub mod client;
+pub mod drain;
 pub mod inspect;

@@ -135,7 +135,31 @@ impl Management {
         self.get_optional(&["queues", vhost, name]).await
     }
 
-    /// Consumers of one queue, with the client-chosen connection names joined in.
+    /// Names of every queue in the vhost.
+    pub async fn queue_names(&self, vhost: &str) -> Result<Vec<String>> {
+        #[derive(Deserialize)]
+        struct Named {
+            name: String,
+        }
+        let queues: Option<Vec<Named>> = self
+            .get_optional_query(&["queues", vhost], "columns=name")
+            .await?;
+        Ok(queues
+            .unwrap_or_default()
+            .into_iter()
+            .map(|queue| queue.name)
+            .collect())
+    }
+
+    /// Closes a client connection; `reason` reaches the client in the close frame.
+    pub async fn close_connection(&self, name: &str, reason: &str) -> Result<()> {
+        self.api
+            .close_connection(name, Some(reason), true)
+            .await
+            .map_err(|error| self.api_error(error))
+    }
+
+    /// Every client connection, with the name each client gave itself.
     pub async fn connections(&self) -> Result<Vec<ConnectionInfo>> {
         let connections = self
             .api
@@ -155,11 +179,23 @@ impl Management {
     }
 
     async fn get_optional<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<Option<T>> {
+        self.get_optional_query(segments, "").await
+    }
+
+    async fn get_optional_query<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: &str,
+    ) -> Result<Option<T>> {
         let path: Vec<String> = segments
             .iter()
             .map(|segment| utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string())
             .collect();
-        let url = format!("{}/{}", self.endpoint.api_base, path.join("/"));
+        let mut url = format!("{}/{}", self.endpoint.api_base, path.join("/"));
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(query);
+        }
         let response = self
             .http
             .get(&url)
