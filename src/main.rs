@@ -3,9 +3,11 @@
 use clap::Parser;
 use mqdrain::cli::{Cli, Command, OutputFormat};
 use mqdrain::error::{exit, Error, Result};
-use mqdrain::ops;
+use mqdrain::ops::{drain, inspect};
 use mqdrain::ui;
+use serde::Serialize;
 use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -26,12 +28,16 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("mqdrain: error: cannot start the async runtime: {error}");
+            ui::err_line(&format!(
+                "mqdrain: error: cannot start the async runtime: {error}"
+            ));
             return ExitCode::from(exit::FAILED);
         }
     };
     let format = cli.output;
-    match runtime.block_on(run(cli)) {
+    let cancel = CancellationToken::new();
+    runtime.spawn(handle_signals(cancel.clone()));
+    match runtime.block_on(run(cli, cancel)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             ui::print_error(format, &error);
@@ -40,22 +46,105 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
-    let target = cli.connection.target()?;
-    let progress = ui::progress_for(cli.output);
-    match &cli.command {
-        Command::Inspect(args) => {
-            let report = ops::inspect::execute(&target, &args.into(), &progress).await?;
-            match cli.output {
-                OutputFormat::Json => println!("{}", to_json(&report)?),
-                OutputFormat::Human => print!("{}", ui::inspect::render(&report)),
-            }
+/// First SIGINT/SIGTERM: cancel, so work in flight finishes. Second: exit 130 at once.
+async fn handle_signals(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    for count in 1.. {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
+        if count == 1 {
+            ui::err_line(
+                "mqdrain: stopping: finishing messages in flight (signal again to exit at once)",
+            );
+            cancel.cancel();
+        } else {
+            std::process::exit(i32::from(exit::CANCELLED));
+        }
+    }
+}
+
+fn emit<T: Serialize>(
+    format: OutputFormat,
+    value: &T,
+    human: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    match format {
+        OutputFormat::Json => {
+            let text = serde_json::to_string_pretty(value).map_err(|error| {
+                Error::Broker(format!("cannot encode the result as JSON: {error}"))
+            })?;
+            ui::out(&format!("{text}\n"));
+        }
+        OutputFormat::Human => ui::out(&human(value)),
     }
     Ok(())
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string_pretty(value)
-        .map_err(|error| Error::Broker(format!("cannot encode the result as JSON: {error}")))
+async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
+    let target = cli.connection.target()?;
+    let progress = ui::progress_for(cli.output);
+    let format = cli.output;
+    match &cli.command {
+        Command::Inspect(args) => {
+            let report = inspect::execute(&target, &args.into(), &progress).await?;
+            emit(format, &report, ui::inspect::render)
+        }
+        Command::StopConsumers(args) => {
+            let outcome =
+                drain::stop_consumers(&target, &args.into(), args.dry_run.dry_run, &progress)
+                    .await?;
+            emit(format, &outcome, ui::drain::stop_consumers)
+        }
+        Command::Expand(args) => {
+            let outcome =
+                drain::expand(&target, &args.into(), args.dry_run.dry_run, &progress).await?;
+            emit(format, &outcome, ui::drain::expand)
+        }
+        Command::Forward(args) => {
+            let outcome = drain::forward(
+                &target,
+                &args.into(),
+                args.dry_run.dry_run,
+                &progress,
+                &cancel,
+            )
+            .await?;
+            emit(format, &outcome, ui::drain::forward)
+        }
+        Command::Watch(args) => {
+            // Human output comes from the progress renderer's bars or lines.
+            let mut print_sample = |sample: &drain::WatchSample| {
+                if format == OutputFormat::Json {
+                    if let Ok(line) = serde_json::to_string(sample) {
+                        ui::out(&format!("{line}\n"));
+                    }
+                }
+            };
+            let outcome =
+                drain::watch(&target, &args.into(), &progress, &cancel, &mut print_sample).await?;
+            if format == OutputFormat::Human {
+                ui::out(&ui::drain::watch(&outcome));
+            }
+            Ok(())
+        }
+        Command::Restore(args) => {
+            let outcome = drain::restore(
+                &target,
+                &args.into(),
+                args.dry_run.dry_run,
+                &progress,
+                &cancel,
+            )
+            .await?;
+            emit(format, &outcome, ui::drain::restore)
+        }
+    }
 }

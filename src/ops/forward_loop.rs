@@ -28,6 +28,15 @@ pub enum Strategy {
     KeyHash,
 }
 
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round-robin",
+            Strategy::KeyHash => "key-hash",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LoopSettings {
     /// Most messages published but not yet confirmed.

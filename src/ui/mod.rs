@@ -1,12 +1,13 @@
 //! The only layer that writes to the terminal: progress renderers and result views.
 
+pub mod drain;
 pub mod inspect;
 pub mod progress;
 
 use crate::cli::OutputFormat;
 use crate::error::Error;
 use crate::progress::Progress;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
 /// Picks the renderer: JSON lines, indicatif bars on a terminal, or plain timestamped lines.
@@ -18,14 +19,24 @@ pub fn progress_for(format: OutputFormat) -> Progress {
     }
 }
 
+/// Writes to stdout; a closed pipe (`mqdrain watch | head`) is not worth a panic.
+pub fn out(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// Writes a line to stderr, ignoring a closed stream.
+pub fn err_line(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 /// Reports a failure: one line on stderr, and a JSON document on stdout for `--output json`.
 pub fn print_error(format: OutputFormat, error: &Error) {
-    eprintln!("mqdrain: error: {error}");
+    err_line(&format!("mqdrain: error: {error}"));
     if format == OutputFormat::Json {
         let document = serde_json::json!({
             "error": error.to_string(),
             "exit_code": error.exit_code(),
         });
-        println!("{document}");
+        out(&format!("{document}\n"));
     }
 }

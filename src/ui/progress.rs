@@ -16,7 +16,7 @@ pub struct JsonLines;
 impl ProgressSink for JsonLines {
     fn emit(&self, event: Event) {
         if let Ok(line) = serde_json::to_string(&event) {
-            eprintln!("{line}");
+            super::err_line(&line);
         }
     }
 }
@@ -75,7 +75,7 @@ impl ProgressSink for PlainLines {
                 backlog_line(&name, depth, in_rate, out_rate, eta_secs)
             }
         };
-        eprintln!("{} {text}", utc_timestamp());
+        super::err_line(&format!("{} {text}", utc_timestamp()));
     }
 }
 

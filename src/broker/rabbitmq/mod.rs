@@ -2,6 +2,7 @@
 
 pub mod amqp;
 pub mod drain;
+pub mod forwarding;
 pub mod inspect;
 pub mod management;
 pub mod settings;
