@@ -277,3 +277,61 @@ pub mod kafka {
             .map_err(|error| error.to_string())
     }
 }
+
+/// Consumes a queue until it stays empty for `quiet`, acking everything; returns the deliveries.
+pub async fn consume_all(
+    connection: &Connection,
+    queue: &str,
+    quiet: Duration,
+) -> Vec<lapin::message::Delivery> {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            format!("test-drain-{queue}").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = Vec::new();
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, consumer.next()).await {
+        channel
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await
+            .expect("ack");
+        deliveries.push(delivery);
+    }
+    let _ = channel.close(200, "done".into()).await;
+    deliveries
+}
+
+/// The `message-id` property of a delivery.
+pub fn message_id(delivery: &lapin::message::Delivery) -> String {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.to_string())
+        .unwrap_or_default()
+}
+
+/// Management API view of a queue (None when it does not exist).
+pub async fn queue_info(queue: &str) -> Option<Value> {
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/queues/%2f/{queue}", management_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("management request");
+    if response.status().as_u16() == 404 {
+        return None;
+    }
+    Some(response.json().await.expect("queue JSON"))
+}
