@@ -43,7 +43,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Expand --force reads the committed offsets of at most this many groups to decide whether
 /// the existing temporary topic was consumed; with more groups it cannot tell and refuses.
-const MAX_GROUPS_CHECKED: usize = 50;
+const MAX_GROUPS_CHECKED: usize = 500;
 /// Topic configs that name partitions or brokers of the source, meaningless on another topic.
 const PLACEMENT_CONFIGS: &[&str] = &[
     "leader.replication.throttled.replicas",
@@ -574,10 +574,46 @@ async fn deletable(
             groups.len()
         )));
     }
+    // One client per group (committed offsets are read under the client's group id), all in
+    // one blocking task; the watermarks read above serve every group.
+    let checker_target = target.clone();
+    let checked_topic = topic.to_string();
+    let per_group = blocking(move || {
+        let mut per_group = Vec::with_capacity(groups.len());
+        for group in groups {
+            let consumer = client::observer(&checker_target, &group)?;
+            let mut list = TopicPartitionList::new();
+            for partition in &watermarks {
+                list.add_partition(&checked_topic, partition.partition);
+            }
+            let committed = consumer
+                .committed_offsets(list, REQUEST_TIMEOUT)
+                .map_err(|error| {
+                    request_error(
+                        &checker_target,
+                        &format!("reading the committed offsets of group '{group}'"),
+                        &error,
+                    )
+                })?;
+            let offsets: Vec<PartitionOffsets> = watermarks
+                .iter()
+                .map(|partition| PartitionOffsets {
+                    committed: committed
+                        .find_partition(&checked_topic, partition.partition)
+                        .and_then(|element| match element.offset() {
+                            Offset::Offset(offset) if offset >= 0 => Some(offset),
+                            _ => None,
+                        }),
+                    ..partition.clone()
+                })
+                .collect();
+            per_group.push((group, offsets));
+        }
+        Ok(per_group)
+    })
+    .await?;
     let mut consumed_by = Vec::new();
-    for group in groups {
-        let group_observer = Arc::new(client::observer(target, &group)?);
-        let offsets = read_offsets(target, &group_observer, topic, partitions, true).await?;
+    for (group, offsets) in per_group {
         if offsets.iter().all(|p| p.committed.is_none()) {
             continue;
         }
@@ -677,6 +713,7 @@ pub async fn expand(
     dry_run: bool,
     progress: &Progress,
 ) -> Result<ExpandOutcome> {
+    crate::ops::validate_factor(spec.factor)?;
     let temp = temp_topic(&spec.name, spec.temp.as_deref());
     if temp == spec.name {
         return Err(Error::usage(format!(
@@ -1090,9 +1127,19 @@ pub async fn forward(
         });
     }
 
-    ensure_no_members(target, &observer, group, &spec.name, progress).await?;
     let sink = KafkaSink::new(target, &temp, factor, temp_partitions)?;
-    let source_side = KafkaSource::start(target, &spec.name, group).await?;
+    // Waiting for a dead forwarder to leave and joining the group both take seconds: a stop
+    // signal ends them (nothing was consumed yet).
+    let source_side = tokio::select! {
+        joined = async {
+            ensure_no_members(target, &observer, group, &spec.name, progress).await?;
+            KafkaSource::start(target, &spec.name, group).await
+        } => joined?,
+        _ = cancel.cancelled() => {
+            finished(progress, "forward");
+            return Err(Error::Cancelled);
+        }
+    };
     actions.push(format!("consumed {consume_line}"));
     actions.push(format!("produced to {produce_line}"));
     let result = forward_loop::run(
@@ -1626,4 +1673,116 @@ pub async fn restore(
         deleted,
         actions,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offsets(low: i64, high: i64, committed: Option<i64>) -> PartitionOffsets {
+        PartitionOffsets {
+            partition: 0,
+            low,
+            high,
+            committed,
+        }
+    }
+
+    #[test]
+    fn keys_parse_like_the_cli_documents_them() {
+        assert_eq!(parse_key("routing-key").unwrap(), KeySource::RoutingKey);
+        assert_eq!(
+            parse_key("header:customer").unwrap(),
+            KeySource::Header("customer".to_string())
+        );
+        for bad in ["message-id", "header:", "key", ""] {
+            let error = parse_key(bad).unwrap_err();
+            assert_eq!(error.exit_code(), crate::error::exit::USAGE, "{bad}");
+        }
+    }
+
+    #[test]
+    fn temp_topic_defaults_to_dot_drain() {
+        assert_eq!(temp_topic("orders", None), "orders.drain");
+        assert_eq!(temp_topic("orders", Some("tmp")), "tmp");
+    }
+
+    #[test]
+    fn lag_counts_from_the_committed_offset_or_the_oldest_message() {
+        assert_eq!(offsets(0, 100, Some(40)).lag(), 60);
+        assert_eq!(
+            offsets(10, 100, None).lag(),
+            90,
+            "never committed: whole partition"
+        );
+        assert_eq!(
+            offsets(50, 100, Some(20)).lag(),
+            50,
+            "below the low watermark"
+        );
+        assert_eq!(offsets(0, 100, Some(100)).lag(), 0);
+        assert_eq!(offsets(0, 0, None).lag(), 0);
+    }
+
+    #[test]
+    fn factor_is_given_or_derived_and_must_match() {
+        let mut spec: ForwardSpec =
+            serde_json::from_value(serde_json::json!({ "name": "orders" })).unwrap();
+        assert_eq!(fanout(&spec, "orders.drain", 12, 3).unwrap(), 4);
+        assert_eq!(
+            fanout(&spec, "orders.drain", 10, 3)
+                .unwrap_err()
+                .exit_code(),
+            crate::error::exit::USAGE
+        );
+        spec.factor = Some(4);
+        assert_eq!(fanout(&spec, "orders.drain", 12, 3).unwrap(), 4);
+        spec.factor = Some(2);
+        let error = fanout(&spec, "orders.drain", 12, 3).unwrap_err();
+        assert!(error.to_string().contains("needs 6"), "{error}");
+    }
+
+    #[test]
+    fn backlog_rates_and_eta_come_from_successive_readings() {
+        let first = backlog("t".into(), Some(1000), (5000, Some(4000)), None);
+        assert_eq!(
+            (first.in_rate, first.out_rate, first.eta_secs),
+            (None, None, None)
+        );
+        // 2 s later: 200 produced, 600 consumed -> net 200/s, 600 left -> 3 s.
+        let next = backlog(
+            "t".into(),
+            Some(600),
+            (5200, Some(4600)),
+            Some((5000, Some(4000), 2.0)),
+        );
+        assert_eq!(next.in_rate, Some(100.0));
+        assert_eq!(next.out_rate, Some(300.0));
+        assert_eq!(next.eta_secs, Some(3.0));
+        let growing = backlog(
+            "t".into(),
+            Some(700),
+            (5400, Some(4700)),
+            Some((5000, Some(4600), 2.0)),
+        );
+        assert_eq!(growing.eta_secs, None);
+        let empty = backlog("t".into(), Some(0), (10, Some(10)), None);
+        assert_eq!(empty.eta_secs, Some(0.0));
+    }
+
+    #[test]
+    fn forwarders_are_recognised_by_their_member_id() {
+        let forwarder = ClientRef {
+            id: format!("{FORWARDER_CLIENT_ID}-0f1e2d"),
+            host: None,
+            who: None,
+        };
+        let app = ClientRef {
+            id: "billing-7a7a".to_string(),
+            host: Some("/10.0.0.7".to_string()),
+            who: Some("billing".to_string()),
+        };
+        assert!(is_forwarder(&forwarder));
+        assert!(!is_forwarder(&app));
+    }
 }

@@ -385,13 +385,17 @@ impl KafkaSink {
     }
 
     fn partition(&self, lane: u32, index: usize) -> Option<i32> {
-        let partition = (lane as usize)
-            .checked_mul(self.fanout)?
-            .checked_add(index)?;
-        (index < self.fanout && partition < self.partitions)
-            .then(|| i32::try_from(partition).ok())
-            .flatten()
+        block_partition(lane, index, self.fanout, self.partitions)
     }
+}
+
+/// Target `index` of source partition `lane`: partition `lane*fanout + index` of the temporary
+/// topic, if it exists.
+fn block_partition(lane: u32, index: usize, fanout: usize, partitions: usize) -> Option<i32> {
+    let partition = (lane as usize).checked_mul(fanout)?.checked_add(index)?;
+    (index < fanout && partition < partitions)
+        .then(|| i32::try_from(partition).ok())
+        .flatten()
 }
 
 fn retryable(error: &KafkaError) -> bool {
@@ -498,4 +502,72 @@ impl Sink for KafkaSink {
 /// `orders.drain[3]`: how temporary partitions are named in outcomes and progress.
 pub fn partition_name(topic: &str, partition: usize) -> String {
     format!("{topic}[{partition}]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+
+    fn message(key: Option<&[u8]>, headers: Option<OwnedHeaders>) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"payload".to_vec()),
+            key.map(<[u8]>::to_vec),
+            "orders".to_string(),
+            Timestamp::CreateTime(1_700_000_000_000),
+            2,
+            41,
+            headers,
+        )
+    }
+
+    #[test]
+    fn position_is_partition_and_offset() {
+        let position = KafkaSource::position(&message(None, None));
+        assert_eq!(position, Position { lane: 2, seq: 41 });
+    }
+
+    #[test]
+    fn key_is_the_record_key_or_a_header() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "customer",
+                value: Some("c-7"),
+            })
+            .insert(Header {
+                key: "empty",
+                value: None::<&str>,
+            });
+        let keyed = message(Some(b"k-1"), Some(headers));
+        assert_eq!(
+            KafkaSource::key(&keyed, &KeySource::RoutingKey),
+            Some(&b"k-1"[..])
+        );
+        assert_eq!(
+            KafkaSource::key(&keyed, &KeySource::Header("customer".into())),
+            Some(&b"c-7"[..])
+        );
+        assert_eq!(
+            KafkaSource::key(&keyed, &KeySource::Header("empty".into())),
+            None
+        );
+        assert_eq!(
+            KafkaSource::key(&keyed, &KeySource::Header("other".into())),
+            None
+        );
+        assert_eq!(
+            KafkaSource::key(&message(None, None), &KeySource::RoutingKey),
+            None
+        );
+        assert_eq!(KafkaSource::key(&keyed, &KeySource::MessageId), None);
+    }
+
+    #[test]
+    fn each_source_partition_owns_a_block_of_partitions() {
+        assert_eq!(block_partition(0, 0, 4, 12), Some(0));
+        assert_eq!(block_partition(1, 3, 4, 12), Some(7));
+        assert_eq!(block_partition(2, 3, 4, 12), Some(11));
+        assert_eq!(block_partition(2, 4, 4, 12), None, "index beyond the block");
+        assert_eq!(block_partition(3, 0, 4, 12), None, "lane beyond the topic");
+    }
 }
