@@ -277,7 +277,7 @@ pub async fn describe_group(
     .await
 }
 
-async fn unknown_group(
+pub(crate) async fn unknown_group(
     target: &KafkaTarget,
     consumer: &Arc<BaseConsumer>,
     group: &str,

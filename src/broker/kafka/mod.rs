@@ -2,4 +2,5 @@
 
 pub mod client;
 pub mod drain;
+pub mod forwarding;
 pub mod inspect;
