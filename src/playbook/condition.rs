@@ -267,7 +267,7 @@ mod tests {
         };
         let snapshot = Snapshot::from_sample(&unknown);
         assert_eq!(temp_empty.holds(&snapshot), None);
-        assert!(!all_hold(&[temp_empty.clone()], &snapshot));
+        assert!(!all_hold(std::slice::from_ref(&temp_empty), &snapshot));
         let consumers = Condition::parse("source.consumers == 0").unwrap();
         assert_eq!(consumers.holds(&snapshot), None);
         assert_eq!(

@@ -362,6 +362,23 @@ impl Playbook {
         endpoint::parse_target(url, management_url, client_config, ca_file)
     }
 
+    /// The queue or topic the playbook drains (the first step that names one) and the temporary
+    /// prefix/topic a step gives for it.
+    pub fn source(&self) -> Option<(&str, Option<&str>)> {
+        let (name, _) = self
+            .steps
+            .iter()
+            .find_map(|step| step.operation.subject())?;
+        let temp = self
+            .steps
+            .iter()
+            .find_map(|step| match step.operation.subject() {
+                Some((subject, Some(temp))) if subject == name => Some(temp),
+                _ => None,
+            });
+        Some((name, temp))
+    }
+
     /// Every step, then every on_failure step.
     pub fn all_steps(&self) -> impl Iterator<Item = &Step> {
         self.steps.iter().chain(self.on_failure.iter())
@@ -606,9 +623,10 @@ impl Loader<'_> {
                 match interpolate(text, &scope) {
                     Ok((resolved, whole)) => {
                         if whole {
-                            match serde_yaml::from_str::<Value>(&resolved) {
-                                Ok(typed @ (Value::Number(_) | Value::Bool(_))) => return typed,
-                                _ => {}
+                            if let Ok(typed @ (Value::Number(_) | Value::Bool(_))) =
+                                serde_yaml::from_str::<Value>(&resolved)
+                            {
+                                return typed;
                             }
                         }
                         Value::String(resolved)

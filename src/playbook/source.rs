@@ -264,11 +264,11 @@ fn strip_comment(line: &str) -> &str {
         match quote {
             Some(open) if c == open => quote = None,
             Some(_) => {}
-            None if c == '"' || c == '\'' => {
-                // Only a quote that starts a scalar opens one; `it's` in plain text does not.
-                if previous == ' ' || previous == ':' || previous == '-' || index == 0 {
-                    quote = Some(c);
-                }
+            // Only a quote that starts a scalar opens one; `it's` in plain text does not.
+            None if (c == '"' || c == '\'')
+                && (previous == ' ' || previous == ':' || previous == '-' || index == 0) =>
+            {
+                quote = Some(c);
             }
             None if c == '#' && (index == 0 || previous == ' ' || previous == '\t') => {
                 return &line[..index];

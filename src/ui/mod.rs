@@ -2,6 +2,7 @@
 
 pub mod drain;
 pub mod inspect;
+pub mod playbook;
 pub mod progress;
 
 use crate::cli::OutputFormat;
