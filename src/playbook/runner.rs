@@ -914,11 +914,8 @@ impl Runner<'_> {
                 .map_or_else(|| "none".to_string(), |code| code.to_string()),
             outcome.duration_secs
         )];
-        let output: Vec<&str> = outcome
-            .stdout
-            .lines()
-            .chain(outcome.stderr.lines())
-            .collect();
+        // stdout is the command's answer; its stderr (progress, logs) stays in the result.
+        let output: Vec<&str> = outcome.stdout.lines().collect();
         for line in output.iter().skip(output.len().saturating_sub(5)) {
             actions.push(format!("| {line}"));
         }
