@@ -204,7 +204,7 @@ pub struct WaitSpec {
     #[serde(default, with = "crate::ops::duration_text::option")]
     pub timeout: Option<Duration>,
     /// Parsed from `until` at load time.
-    #[serde(skip_deserializing)]
+    #[serde(skip)]
     pub conditions: Vec<Condition>,
 }
 
@@ -1043,7 +1043,10 @@ impl Loader<'_> {
                         .to_string();
                     self.value_error(
                         &join(path, &field),
-                        format!("wrong value for `{op}` option `{top}`: {detail}"),
+                        format!(
+                            "wrong value for `{op}` option `{top}`: {}",
+                            plain_types(&detail)
+                        ),
                     );
                 } else {
                     self.key_error(path, format!("invalid `{op}` options: {detail}"));
@@ -1126,6 +1129,23 @@ impl Loader<'_> {
             }
         }
     }
+}
+
+/// serde names Rust types ("expected usize"); say what to write instead.
+fn plain_types(detail: &str) -> String {
+    let mut text = detail.to_string();
+    for (rust, plain) in [
+        ("expected usize", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number up to 65535"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        text = text.replace(rust, plain);
+    }
+    text
 }
 
 fn default_name(index: usize, operation: &Operation) -> String {

@@ -284,6 +284,7 @@ pub async fn run(
         background: Vec::new(),
         steps: Vec::new(),
         on_failure: Vec::new(),
+        plan_failures: Vec::new(),
     };
     if let Some(journal) = &runner.journal {
         journal.save(&options.state_path)?;
@@ -293,7 +294,17 @@ pub async fn run(
             .map(|spec| spawn_sampler(target.clone(), spec, every, collector.clone())),
         _ => None,
     };
-    let failure = runner.main_steps(cancel).await;
+    let mut failure = runner.main_steps(cancel).await;
+    if failure.is_none() && !runner.plan_failures.is_empty() {
+        failure = Some((
+            exit::FAILED,
+            format!(
+                "dry run: {} step(s) could not be planned: {}",
+                runner.plan_failures.len(),
+                runner.plan_failures.join("; ")
+            ),
+        ));
+    }
     let stop_failure = runner.stop_all_background().await;
     let failure = failure.or(stop_failure);
     if let Some(failure) = &failure {
@@ -498,6 +509,8 @@ struct Runner<'a> {
     background: Vec<Background>,
     steps: Vec<StepRecord>,
     on_failure: Vec<StepRecord>,
+    /// --dry-run: steps whose plan failed for a reason the real run would also hit.
+    plan_failures: Vec<String>,
 }
 
 fn record_for(step: &Step, list: &'static str) -> StepRecord {
@@ -775,6 +788,22 @@ impl Runner<'_> {
                     outcome_of(&error)
                 };
                 record.message = Some(error.to_string());
+                if self.options.dry_run {
+                    // The temporary queues/topic an earlier expand would create do not exist in
+                    // a dry run: expected. Anything else is a real problem the run would hit.
+                    let expected = matches!(&error, Error::NotFound { kind, .. } if kind.starts_with("temporary"));
+                    if expected {
+                        record.message = Some(format!(
+                            "{error} (expected in a dry run: an earlier expand step creates it)"
+                        ));
+                    } else {
+                        self.plan_failures.push(format!(
+                            "step {} '{}': {error}",
+                            step.index + 1,
+                            step.name
+                        ));
+                    }
+                }
                 self.notice(
                     Level::Warn,
                     format!(
