@@ -181,6 +181,9 @@ fn default_wait_interval() -> Duration {
 fn default_wait_samples() -> u32 {
     2
 }
+fn default_wait_settle() -> Duration {
+    Duration::from_secs(6)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,6 +204,11 @@ pub struct WaitSpec {
     /// is not enough).
     #[serde(default = "default_wait_samples")]
     pub samples: u32,
+    /// How long the conditions must hold without a break: management statistics refresh every
+    /// 5 s and a queue declared moments ago can report a stale 0 (use 0s for Kafka, whose lag is
+    /// exact).
+    #[serde(default = "default_wait_settle", with = "crate::ops::duration_text")]
+    pub settle: Duration,
     #[serde(default, with = "crate::ops::duration_text::option")]
     pub timeout: Option<Duration>,
     /// Parsed from `until` at load time.
@@ -893,10 +901,13 @@ impl Loader<'_> {
                     for key in map.keys() {
                         let key = scalar_text(key).unwrap_or_default();
                         if !INSPECT_KEYS.contains(&key.as_str()) {
+                            let suggestion = closest(&key, INSPECT_KEYS)
+                                .map(|option| format!(" (did you mean `{option}`?)"))
+                                .unwrap_or_default();
                             self.key_error(
                                 &join(path, &key),
                                 format!(
-                                    "unknown option `{key}` for `inspect`: expected one of {}",
+                                    "unknown option `{key}` for `inspect`{suggestion}: expected one of {}",
                                     INSPECT_KEYS.join(", ")
                                 ),
                             );

@@ -1009,6 +1009,7 @@ impl Runner<'_> {
         let backlog_only: Progress = Arc::new(BacklogOnly(progress.clone()));
         let started = Instant::now();
         let mut in_a_row = 0;
+        let mut holding_since: Option<Instant> = None;
         loop {
             let snapshot = self.snapshot(spec, &backlog_only).await?;
             let now_text = snapshot.describe(conditions);
@@ -1016,9 +1017,10 @@ impl Runner<'_> {
             if self.options.dry_run {
                 return Ok(Done {
                     actions: vec![format!(
-                        "would wait until {wanted} ({} consecutive samples every {}{}); now {now_text}: {}",
+                        "would wait until {wanted} ({} consecutive samples every {} over at least {}{}); now {now_text}: {}",
                         spec.samples,
                         humantime::format_duration(spec.interval),
+                        humantime::format_duration(spec.settle),
                         spec.timeout
                             .map(|t| format!(", at most {}", humantime::format_duration(t)))
                             .unwrap_or_default(),
@@ -1029,10 +1031,22 @@ impl Runner<'_> {
                 });
             }
             in_a_row = if holds { in_a_row + 1 } else { 0 };
-            if in_a_row >= spec.samples {
+            let held_for = match (holds, holding_since) {
+                (false, _) => {
+                    holding_since = None;
+                    Duration::ZERO
+                }
+                (true, None) => {
+                    holding_since = Some(Instant::now());
+                    Duration::ZERO
+                }
+                (true, Some(since)) => since.elapsed(),
+            };
+            if in_a_row >= spec.samples && held_for >= spec.settle {
                 return Ok(Done {
                     actions: vec![format!(
-                        "{wanted} held on {in_a_row} consecutive samples after {:.1}s ({now_text})",
+                        "{wanted} held on {in_a_row} consecutive samples over {:.1}s, {:.1}s after the gate opened ({now_text})",
+                        held_for.as_secs_f64(),
                         started.elapsed().as_secs_f64()
                     )],
                     result: json(&snapshot),

@@ -165,7 +165,10 @@ async fn run_playbook(
         }
     }
     match format {
-        OutputFormat::Json => json_out(&outcome),
+        OutputFormat::Json => {
+            json_out(&outcome);
+            super::result_document_printed();
+        }
         OutputFormat::Human => super::out(&render(&outcome)),
     }
     match (outcome.error(), write_error) {
