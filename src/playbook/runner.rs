@@ -681,7 +681,9 @@ impl Runner<'_> {
             )
             .await;
             if record.outcome.is_failure() && record.outcome != StepOutcome::PlanFailed {
-                if step.continue_on_error && record.outcome == StepOutcome::Failed {
+                if step.continue_on_error
+                    && matches!(record.outcome, StepOutcome::Failed | StepOutcome::TimedOut)
+                {
                     record.outcome = StepOutcome::FailedContinued;
                     self.notice(
                         Level::Warn,
@@ -994,7 +996,7 @@ impl Runner<'_> {
     }
 
     async fn wait(
-        &self,
+        &mut self,
         step: &Step,
         spec: &WaitSpec,
         progress: &Progress,
@@ -1053,13 +1055,12 @@ impl Runner<'_> {
                     ..Done::default()
                 });
             }
-            for background in &self.background {
-                if background.handle.is_finished() {
-                    return Err(Error::Broker(format!(
-                        "background forward '{}' stopped while waiting for {wanted} ({now_text}); see that step's outcome",
-                        background.name
-                    )));
-                }
+            // A forward the gate depends on that died makes waiting pointless; one that
+            // finished on its own (idle_timeout, max_messages) is fine.
+            if let Some((_, message)) = self.background_failure().await {
+                return Err(Error::Broker(format!(
+                    "{message}; stopped waiting for {wanted} ({now_text})"
+                )));
             }
             if let Some(limit) = spec.timeout {
                 if started.elapsed() >= limit {
@@ -1256,6 +1257,15 @@ impl Runner<'_> {
                     record.message = Some(error.to_string());
                 }
             }
+        }
+        // The journal said "ok" when the forward started; a forward that failed must say so.
+        let failed = self
+            .steps
+            .iter()
+            .find(|record| record.index == background.step && result.is_err())
+            .cloned();
+        if let Some(record) = failed {
+            self.save_journal(&record);
         }
         (background.name, result)
     }
