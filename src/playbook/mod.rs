@@ -66,10 +66,20 @@ pub struct Playbook {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BrokerSpec {
+    #[serde(serialize_with = "redacted")]
     pub url: Option<String>,
+    #[serde(serialize_with = "redacted")]
     pub management_url: Option<String>,
     pub client_config: Vec<String>,
     pub ca_file: Option<String>,
+}
+
+/// Shows URLs without their passwords (`playbook check --output json`).
+fn redacted<S: serde::Serializer>(url: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => serializer.serialize_str(&endpoint::redact_url(url)),
+        None => serializer.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -249,6 +259,10 @@ pub struct Diagnostic {
 
 impl std::fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            // Not about a place in the file (it could not be read at all).
+            return write!(f, "{}: {}", self.file, self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",

@@ -280,6 +280,9 @@ pub fn markdown(
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Post-incident report: {}\n", outcome.name);
+    if let Some(description) = &outcome.description {
+        let _ = writeln!(out, "{description}\n");
+    }
     let result = match &outcome.error {
         None => format!("{:?}", outcome.status).to_lowercase(),
         Some(error) => format!(

@@ -120,6 +120,7 @@ impl StepRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunOutcome {
     pub name: String,
+    pub description: Option<String>,
     pub playbook: String,
     pub broker: String,
     pub dry_run: bool,
@@ -344,6 +345,7 @@ pub async fn run(
     }
     Ok(RunOutcome {
         name: playbook.name.clone(),
+        description: playbook.description.clone(),
         playbook: playbook.path.display().to_string(),
         broker: target.redacted(),
         dry_run: options.dry_run,
@@ -550,7 +552,8 @@ impl Runner<'_> {
         let Some(journal) = self.journal.as_mut() else {
             return;
         };
-        if record.list != "steps" {
+        // on_failure steps are not resumed; a skipped step keeps the entry of the run that did it.
+        if record.list != "steps" || record.outcome == StepOutcome::Skipped {
             return;
         }
         journal.record(Entry {
@@ -699,7 +702,13 @@ impl Runner<'_> {
                     failure = Some(match record.outcome {
                         StepOutcome::TimedOut => (
                             exit::TIMEOUT,
-                            format!("step {} '{}' timed out: {error}", step.index + 1, step.name),
+                            format!(
+                                "step {} '{}' ({}:{}) timed out: {error}",
+                                step.index + 1,
+                                step.name,
+                                self.playbook.path.display(),
+                                step.pos
+                            ),
                         ),
                         StepOutcome::Cancelled => (
                             exit::CANCELLED,
@@ -707,7 +716,13 @@ impl Runner<'_> {
                         ),
                         _ => (
                             exit::FAILED,
-                            format!("step {} '{}' failed: {error}", step.index + 1, step.name),
+                            format!(
+                                "step {} '{}' ({}:{}) failed: {error}",
+                                step.index + 1,
+                                step.name,
+                                self.playbook.path.display(),
+                                step.pos
+                            ),
                         ),
                     });
                 }
@@ -905,9 +920,9 @@ impl Runner<'_> {
                     ..Done::default()
                 })
             }
-            Operation::StopForward(spec) => self.stop_forward(step, spec).await,
+            Operation::StopForward(spec) => self.stop_forward(spec).await,
             Operation::Exec(spec) => self.exec(spec, cancel).await,
-            Operation::Wait(spec) => self.wait(step, spec, progress, cancel).await,
+            Operation::Wait(spec) => self.wait(spec, progress, cancel).await,
             Operation::Approve(spec) => self.approve(spec, cancel).await,
         }
     }
@@ -997,7 +1012,6 @@ impl Runner<'_> {
 
     async fn wait(
         &mut self,
-        step: &Step,
         spec: &WaitSpec,
         progress: &Progress,
         cancel: &CancellationToken,
@@ -1070,7 +1084,6 @@ impl Runner<'_> {
                     )));
                 }
             }
-            let _ = step;
             tokio::select! {
                 _ = cancel.cancelled() => return Err(Error::Cancelled),
                 _ = tokio::time::sleep(spec.interval) => {}
@@ -1195,7 +1208,7 @@ impl Runner<'_> {
         })
     }
 
-    async fn stop_forward(&mut self, step: &Step, spec: &StopForwardSpec) -> Result<Done> {
+    async fn stop_forward(&mut self, spec: &StopForwardSpec) -> Result<Done> {
         let position = match &spec.forward {
             Some(name) => self.background.iter().position(|b| &b.name == name),
             None => (!self.background.is_empty()).then(|| self.background.len() - 1),
@@ -1211,7 +1224,6 @@ impl Runner<'_> {
         }
         let Some(position) = position else {
             // Resumed after the forward had already been stopped, or it never started.
-            let _ = step;
             return Ok(Done {
                 actions: vec!["no background forward is running".into()],
                 ..Done::default()

@@ -24,7 +24,21 @@ pub async fn command(
 ) -> Result<()> {
     match &args.command {
         PlaybookCommand::Check(check) => {
-            let playbook = playbook::load(&check.file, &check.vars, &playbook::process_env)?;
+            let playbook = match playbook::load(&check.file, &check.vars, &playbook::process_env) {
+                Ok(playbook) => playbook,
+                Err(invalid) => {
+                    if format == OutputFormat::Json {
+                        // Machine-readable problems, one object each, instead of one long text.
+                        json_out(&serde_json::json!({
+                            "valid": false,
+                            "diagnostics": invalid.diagnostics,
+                            "exit_code": crate::error::exit::USAGE,
+                        }));
+                        super::result_document_printed();
+                    }
+                    return Err(invalid.into());
+                }
+            };
             match format {
                 OutputFormat::Json => json_out(&serde_json::json!({
                     "valid": true,
