@@ -316,12 +316,23 @@ pub fn markdown(
     if all.is_empty() {
         let _ = writeln!(out, "No depth samples were taken during the run.");
     } else {
+        // "Before" is the depth when the drain began changing things (the first stop-consumers,
+        // expand or forward), not the first sample: a demo may seed its backlog after that.
+        let drain_start = outcome
+            .steps
+            .iter()
+            .filter(|record| matches!(record.operation, "stop-consumers" | "expand" | "forward"))
+            .find_map(|record| record.started_at);
         let _ = writeln!(
             out,
-            "| Queue / topic | First sample | Peak | Last sample |\n|---|---:|---:|---:|"
+            "| Queue / topic | Before the drain | Peak | After |\n|---|---:|---:|---:|"
         );
         for (name, list) in &all {
-            let first = list.first().map(|p| p.depth).unwrap_or_default();
+            let first = drain_start
+                .and_then(|start| list.iter().rev().find(|p| p.at <= start))
+                .or(list.first())
+                .map(|p| p.depth)
+                .unwrap_or_default();
             let last = list.last().map(|p| p.depth).unwrap_or_default();
             let peak = list.iter().map(|p| p.depth).max().unwrap_or_default();
             let role = if Some(*name) == source {
