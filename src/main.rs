@@ -153,6 +153,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
         Command::Load(args) => {
             ui::playbook::load_command(args, &target, format, &progress, &cancel).await
         }
+        // Dispatched before the target is parsed (see the top of this function).
         Command::Playbook(_) => Ok(()),
     }
 }

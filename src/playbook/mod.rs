@@ -1299,4 +1299,60 @@ mod tests {
         assert_eq!((found[4].0, found[4].1), (13, 13));
         assert!(found[4].2.contains("undefined variable"));
     }
+
+    #[test]
+    fn cross_step_checks() {
+        let errors = check(
+            "name: t\nsteps:\n  - name: a\n    exec: {command: x}\n  - name: a\n    exec: {command: y}\n  - stop-forward:\n  - forward: {name: q, background: true}\n  - stop-forward: {forward: nope}\n  - wait: {name: q, until: [source.depth == 0, 'temporary.lag < x']}\n",
+        )
+        .unwrap_err();
+        let found: Vec<(usize, usize, &str)> = errors
+            .iter()
+            .map(|d| (d.line, d.column, d.message.as_str()))
+            .collect();
+        assert_eq!(found.len(), 4, "{found:#?}");
+        assert_eq!((found[0].0, found[0].1), (5, 5), "{found:#?}");
+        assert!(found[0].2.contains("duplicate step name `a`"));
+        assert_eq!((found[1].0, found[1].1), (7, 5));
+        assert!(found[1].2.contains("no background forward to stop"));
+        assert_eq!((found[2].0, found[2].1), (9, 19));
+        assert!(found[2]
+            .2
+            .contains("no background forward step of that name"));
+        // Inside a flow list the position is the list's.
+        assert_eq!(found[3].0, 10);
+        assert!(found[3].2.contains("is not a whole number"));
+    }
+
+    #[test]
+    fn env_defaults_and_overrides() {
+        let env = |name: &str| (name == "QUEUE").then(|| "from-env".to_string());
+        let text = "name: t\nvars:\n  q: ${env.QUEUE}\n  r: ${env.NOPE:-fallback}\nsteps:\n  - inspect: {name: '${vars.q}-${vars.r}'}\n";
+        let playbook = parse(Path::new("p.yaml"), text, &[], &env).unwrap();
+        let Operation::Inspect(spec) = &playbook.steps[0].operation else {
+            panic!()
+        };
+        assert_eq!(spec.name, "from-env-fallback");
+        let overridden = parse(
+            Path::new("p.yaml"),
+            text,
+            &[("r".to_string(), "cli".to_string())],
+            &env,
+        )
+        .unwrap();
+        let Operation::Inspect(spec) = &overridden.steps[0].operation else {
+            panic!()
+        };
+        assert_eq!(spec.name, "from-env-cli");
+        let errors = parse(
+            Path::new("p.yaml"),
+            "name: t\nvars:\n  q: ${env.MISSING}\nsteps:\n  - inspect: {name: q}\n",
+            &[],
+            &env,
+        )
+        .unwrap_err()
+        .diagnostics;
+        assert_eq!((errors[0].line, errors[0].column), (3, 6));
+        assert!(errors[0].message.contains("MISSING is not set"));
+    }
 }
