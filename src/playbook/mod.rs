@@ -1315,12 +1315,12 @@ mod tests {
         assert!(found[0].2.contains("duplicate step name `a`"));
         assert_eq!((found[1].0, found[1].1), (7, 5));
         assert!(found[1].2.contains("no background forward to stop"));
-        assert_eq!((found[2].0, found[2].1), (9, 19));
+        assert_eq!((found[2].0, found[2].1), (9, 29));
         assert!(found[2]
             .2
             .contains("no background forward step of that name"));
-        // Inside a flow list the position is the list's.
-        assert_eq!(found[3].0, 10);
+        // Entries of single-line flow collections have their own positions.
+        assert_eq!((found[3].0, found[3].1), (10, 48), "{found:#?}");
         assert!(found[3].2.contains("is not a whole number"));
     }
 

@@ -185,12 +185,16 @@ impl Scanner {
                 return Effect::None;
             }
             self.positions.values.insert(
-                item,
+                item.clone(),
                 Pos {
                     line,
                     column: rest_col + 1,
                 },
             );
+            if rest.starts_with('{') || rest.starts_with('[') {
+                self.pending = None;
+                return self.flow_or_span(line, rest_col, rest, &item);
+            }
             return self.entry(line, rest_col, rest);
         }
         let path = top.path.clone();
@@ -212,7 +216,7 @@ impl Scanner {
         }
         let value_col = col + text.len() - value.len();
         self.positions.values.insert(
-            path,
+            path.clone(),
             Pos {
                 line,
                 column: value_col + 1,
@@ -223,12 +227,105 @@ impl Scanner {
             return Effect::BlockScalar(col);
         }
         if value.starts_with('{') || value.starts_with('[') {
-            let depth = bracket_balance(value);
-            if depth > 0 {
-                return Effect::Flow(depth);
-            }
+            return self.flow_or_span(line, value_col, value, &path);
         }
         Effect::None
+    }
+
+    /// A flow collection: its entries get positions when it closes on this line; one that spans
+    /// lines is skipped (errors inside point at the collection).
+    fn flow_or_span(&mut self, line: usize, col: usize, text: &str, path: &str) -> Effect {
+        let depth = bracket_balance(text);
+        if depth > 0 {
+            return Effect::Flow(depth);
+        }
+        self.flow(line, col, text, path);
+        Effect::None
+    }
+
+    /// Records the entries of the single-line flow collection `text` starting at column `col`.
+    fn flow(&mut self, line: usize, col: usize, text: &str, path: &str) {
+        let is_map = text.starts_with('{');
+        let mut depth = 0;
+        let mut quote: Option<char> = None;
+        let mut start = 1;
+        let mut index = 0;
+        for (at, c) in text.char_indices() {
+            if let Some(open) = quote {
+                if c == open {
+                    quote = None;
+                }
+                continue;
+            }
+            match c {
+                '"' | '\'' => quote = Some(c),
+                '{' | '[' => depth += 1,
+                '}' | ']' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        self.flow_entry(line, col, &text[start..at], start, path, is_map, index);
+                        return;
+                    }
+                }
+                ',' if depth == 1 => {
+                    self.flow_entry(line, col, &text[start..at], start, path, is_map, index);
+                    index += 1;
+                    start = at + 1;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // one flow entry: where it is and what it belongs to
+    fn flow_entry(
+        &mut self,
+        line: usize,
+        col: usize,
+        part: &str,
+        offset: usize,
+        path: &str,
+        is_map: bool,
+        index: usize,
+    ) {
+        let trimmed = part.trim();
+        if trimmed.is_empty() {
+            return;
+        }
+        let part_col = col + offset + (part.len() - part.trim_start().len());
+        let pos = Pos {
+            line,
+            column: part_col + 1,
+        };
+        if !is_map {
+            let item = format!("{path}[{index}]");
+            self.positions.keys.insert(item.clone(), pos);
+            self.positions.values.insert(item.clone(), pos);
+            if trimmed.starts_with('{') || trimmed.starts_with('[') {
+                self.flow(line, part_col, trimmed, &item);
+            }
+            return;
+        }
+        let Some((key, value_offset)) = split_key(trimmed) else {
+            return;
+        };
+        let key_path = join(path, &key);
+        self.positions.keys.insert(key_path.clone(), pos);
+        let value = trimmed[value_offset..].trim_start();
+        if value.is_empty() {
+            return;
+        }
+        let value_col = part_col + trimmed.len() - value.len();
+        self.positions.values.insert(
+            key_path.clone(),
+            Pos {
+                line,
+                column: value_col + 1,
+            },
+        );
+        if value.starts_with('{') || value.starts_with('[') {
+            self.flow(line, value_col, value, &key_path);
+        }
     }
 }
 
@@ -440,12 +537,19 @@ on_failure:
                 column: 5
             }
         );
-        // Inside a flow mapping: the collection's position.
+        // Inside a single-line flow mapping: the entry's own position.
         assert_eq!(
             positions.value("steps[1].expand.factor"),
             Pos {
                 line: 11,
-                column: 13
+                column: 31
+            }
+        );
+        assert_eq!(
+            positions.key("steps[1].expand.name"),
+            Pos {
+                line: 11,
+                column: 14
             }
         );
         assert_eq!(
