@@ -22,6 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Samples a gate may fail in a row (management API hiccups) before the gate fails.
+const GATE_SAMPLE_RETRIES: u32 = 5;
 /// A background forward that fails this soon after it started fails its own step.
 const BACKGROUND_START_CHECK: Duration = Duration::from_secs(1);
 
@@ -1026,8 +1028,35 @@ impl Runner<'_> {
         let started = Instant::now();
         let mut in_a_row = 0;
         let mut holding_since: Option<Instant> = None;
+        let mut failed_samples = 0;
         loop {
-            let snapshot = self.snapshot(spec, &backlog_only).await?;
+            let snapshot = match self.snapshot(spec, &backlog_only).await {
+                Ok(snapshot) => {
+                    failed_samples = 0;
+                    snapshot
+                }
+                // A long gate should survive a management API hiccup; a missing queue or a
+                // persistent failure ends it.
+                Err(error @ (Error::Unreachable { .. } | Error::Broker(_)))
+                    if !self.options.dry_run && failed_samples < GATE_SAMPLE_RETRIES =>
+                {
+                    failed_samples += 1;
+                    in_a_row = 0;
+                    holding_since = None;
+                    self.notice(
+                        Level::Warn,
+                        format!(
+                            "gate sample failed ({failed_samples} of {GATE_SAMPLE_RETRIES} allowed in a row): {error}"
+                        ),
+                    );
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::Cancelled),
+                        _ = tokio::time::sleep(spec.interval) => {}
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let now_text = snapshot.describe(conditions);
             let holds = all_hold(conditions, &snapshot);
             if self.options.dry_run {
