@@ -8,5 +8,6 @@ pub mod cli;
 pub mod endpoint;
 pub mod error;
 pub mod ops;
+pub mod playbook;
 pub mod progress;
 pub mod ui;

@@ -89,6 +89,10 @@ fn emit<T: Serialize>(
 }
 
 async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
+    // A playbook names its own broker; --url is only its fallback.
+    if let Command::Playbook(args) = &cli.command {
+        return ui::playbook::command(args, &cli.connection, cli.output, &cancel).await;
+    }
     let target = cli.connection.target()?;
     let progress = ui::progress_for(cli.output);
     let format = cli.output;
@@ -146,5 +150,10 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             .await?;
             emit(format, &outcome, ui::drain::restore)
         }
+        Command::Load(args) => {
+            ui::playbook::load_command(args, &target, format, &progress, &cancel).await
+        }
+        // Dispatched before the target is parsed (see the top of this function).
+        Command::Playbook(_) => Ok(()),
     }
 }

@@ -8,6 +8,8 @@ use crate::ops::inspect::InspectSpec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::time::Duration;
 
+pub mod playbook;
+
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 operation failed, 2 bad usage or configuration, 3 queue/topic/group not found,
 4 broker or management API unreachable or credentials refused, 5 timed out, 130 cancelled.
@@ -128,6 +130,12 @@ pub enum Command {
     /// Refuses while a forwarder still consumes the source or a temporary queue (partition) still
     /// holds ready or unacked messages (lag), checked twice across a statistics interval.
     Restore(RestoreArgs),
+
+    /// Run the runbook from a YAML playbook: `check` validates it, `run` executes it.
+    Playbook(playbook::PlaybookArgs),
+
+    /// Test and demo aid: publish a backlog or consume like an application (RabbitMQ).
+    Load(playbook::LoadArgs),
 }
 
 /// Options every mutating step shares.

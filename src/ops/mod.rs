@@ -5,6 +5,7 @@ pub mod estimate;
 pub mod exec;
 pub mod forward_loop;
 pub mod inspect;
+pub mod load;
 pub mod partition;
 
 use crate::error::{Error, Result};

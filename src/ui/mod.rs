@@ -2,12 +2,14 @@
 
 pub mod drain;
 pub mod inspect;
+pub mod playbook;
 pub mod progress;
 
 use crate::cli::OutputFormat;
 use crate::error::Error;
 use crate::progress::Progress;
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Picks the renderer: JSON lines, indicatif bars on a terminal, or plain timestamped lines.
@@ -29,10 +31,18 @@ pub fn err_line(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
+/// Set once a command printed its own JSON result document (which carries its error and exit
+/// code), so a failure does not add a second document to stdout.
+static RESULT_DOCUMENT_PRINTED: AtomicBool = AtomicBool::new(false);
+
+pub fn result_document_printed() {
+    RESULT_DOCUMENT_PRINTED.store(true, Ordering::Relaxed);
+}
+
 /// Reports a failure: one line on stderr, and a JSON document on stdout for `--output json`.
 pub fn print_error(format: OutputFormat, error: &Error) {
     err_line(&format!("mqdrain: error: {error}"));
-    if format == OutputFormat::Json {
+    if format == OutputFormat::Json && !RESULT_DOCUMENT_PRINTED.load(Ordering::Relaxed) {
         let document = serde_json::json!({
             "error": error.to_string(),
             "exit_code": error.exit_code(),

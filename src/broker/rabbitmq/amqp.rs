@@ -22,6 +22,12 @@ pub struct PassiveCounts {
 }
 
 pub async fn connect(target: &RabbitTarget, purpose: &str) -> Result<Connection> {
+    connect_named(target, &format!("{CONNECTION_NAME_PREFIX}{purpose}")).await
+}
+
+/// Connects with exactly `name` as the connection name: `mqdrain load` poses as an application,
+/// so its connections must not carry mqdrain's prefix.
+pub async fn connect_named(target: &RabbitTarget, name: &str) -> Result<Connection> {
     let uri = AMQPUri {
         scheme: if target.tls {
             AMQPScheme::AMQPS
@@ -43,8 +49,7 @@ pub async fn connect(target: &RabbitTarget, purpose: &str) -> Result<Connection>
             ..AMQPQueryString::default()
         },
     };
-    let properties = ConnectionProperties::default()
-        .with_connection_name(format!("{CONNECTION_NAME_PREFIX}{purpose}").into());
+    let properties = ConnectionProperties::default().with_connection_name(name.to_string().into());
     let tls =
         lapin::tcp::OwnedTLSConfig {
             identity: None,

@@ -4,5 +4,6 @@ pub mod amqp;
 pub mod drain;
 pub mod forwarding;
 pub mod inspect;
+pub mod load;
 pub mod management;
 pub mod settings;

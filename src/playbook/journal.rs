@@ -1,0 +1,157 @@
+//! The run journal: which steps of a playbook finished, and how, written after every step so that
+//! `--resume` can continue a run that failed or was killed.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Journal {
+    pub version: u32,
+    pub playbook: String,
+    pub name: String,
+    /// `<operation> <name>` of every step, to refuse resuming a playbook that changed.
+    pub fingerprint: Vec<String>,
+    pub status: RunStatus,
+    pub started_at: f64,
+    pub updated_at: f64,
+    pub steps: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub index: usize,
+    pub name: String,
+    pub operation: String,
+    pub outcome: String,
+    pub started_at: f64,
+    pub finished_at: f64,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// Default journal path: `<playbook>.state.json` next to the playbook.
+pub fn default_path(playbook: &Path) -> PathBuf {
+    let mut name = playbook
+        .file_name()
+        .map(|name| name.to_os_string())
+        .unwrap_or_default();
+    name.push(".state.json");
+    playbook.with_file_name(name)
+}
+
+impl Journal {
+    pub fn load(path: &Path) -> Result<Option<Journal>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                return Err(Error::usage(format!(
+                    "cannot read the run journal {}: {error}",
+                    path.display()
+                )))
+            }
+        };
+        let journal: Journal = serde_json::from_str(&text).map_err(|error| {
+            Error::usage(format!(
+                "the run journal {} is not readable ({error}); delete it to start the playbook from the beginning",
+                path.display()
+            ))
+        })?;
+        if journal.version != VERSION {
+            return Err(Error::usage(format!(
+                "the run journal {} has version {}, this mqdrain writes {VERSION}; delete it to start over",
+                path.display(),
+                journal.version
+            )));
+        }
+        Ok(Some(journal))
+    }
+
+    /// Writes through a temporary file and a rename, so a kill never leaves half a journal.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|error| Error::Broker(format!("cannot encode the run journal: {error}")))?;
+        let mut temporary = path.as_os_str().to_os_string();
+        temporary.push(".tmp");
+        let temporary = PathBuf::from(temporary);
+        std::fs::write(&temporary, text)
+            .and_then(|()| std::fs::rename(&temporary, path))
+            .map_err(|error| {
+                Error::Broker(format!(
+                    "cannot write the run journal {}: {error}; pass --state FILE with a writable path",
+                    path.display()
+                ))
+            })
+    }
+
+    /// The latest entry for step `index` (a resumed run appends new entries).
+    pub fn entry(&self, index: usize) -> Option<&Entry> {
+        self.steps.iter().rev().find(|entry| entry.index == index)
+    }
+
+    pub fn record(&mut self, entry: Entry) {
+        self.updated_at = entry.finished_at;
+        self.steps.retain(|existing| existing.index != entry.index);
+        self.steps.push(entry);
+        self.steps.sort_by_key(|entry| entry.index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_path_sits_next_to_the_playbook() {
+        assert_eq!(
+            default_path(Path::new("playbooks/drain.yaml")),
+            PathBuf::from("playbooks/drain.yaml.state.json")
+        );
+    }
+
+    #[test]
+    fn round_trips_and_keeps_one_entry_per_step() {
+        let dir = std::env::temp_dir().join(format!("mqdrain-journal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("j.json");
+        let mut journal = Journal {
+            version: VERSION,
+            playbook: "p.yaml".into(),
+            name: "p".into(),
+            fingerprint: vec!["expand a".into()],
+            status: RunStatus::Running,
+            started_at: 1.0,
+            updated_at: 1.0,
+            steps: Vec::new(),
+        };
+        for outcome in ["failed", "ok"] {
+            journal.record(Entry {
+                index: 0,
+                name: "a".into(),
+                operation: "expand".into(),
+                outcome: outcome.into(),
+                started_at: 2.0,
+                finished_at: 3.0,
+                message: None,
+            });
+        }
+        journal.save(&path).unwrap();
+        let loaded = Journal::load(&path).unwrap().unwrap();
+        assert_eq!(loaded.steps.len(), 1);
+        assert_eq!(loaded.entry(0).unwrap().outcome, "ok");
+        assert!(Journal::load(&dir.join("none.json")).unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
