@@ -9,6 +9,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+/// Header into which `forward --dedup` stamps a message's stable id, so that consumers downstream
+/// can drop duplicates the same way.
+pub const ID_HEADER: &str = "x-mqdrain-id";
+
 /// Where a message sits in its source: a lane (Kafka partition; RabbitMQ has one lane) and an
 /// increasing position inside it (Kafka offset; AMQP delivery tag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +46,15 @@ pub trait Source: Send {
 
     /// The bytes key-hash routes on, if the message has that key.
     fn key<'m>(message: &'m Self::Message, key: &KeySource) -> Option<&'m [u8]>;
+
+    /// The message's stable identity for duplicate suppression: the value of `header` when
+    /// given, else the broker's own (RabbitMQ: the message-id property; Kafka:
+    /// `<topic>-<partition>-<offset>`). `None` (also for an empty value): the message has none
+    /// and passes unchecked. The default knows no identity.
+    fn identity(message: &Self::Message, header: Option<&str>) -> Option<Vec<u8>> {
+        let _ = (message, header);
+        None
+    }
 
     /// Every message of `position.lane` up to and including `position.seq` is confirmed by the
     /// sink and may be removed from the source for good.
@@ -80,6 +93,19 @@ pub trait Sink: Send {
         index: usize,
         message: &Self::Message,
     ) -> impl Future<Output = Result<Confirmation>> + Send;
+
+    /// `send`, with `id` (see `Source::identity`) stamped into the `ID_HEADER` header. The
+    /// default publishes without it, for sinks whose messages carry no headers.
+    fn send_identified(
+        &mut self,
+        lane: u32,
+        index: usize,
+        message: &Self::Message,
+        id: &[u8],
+    ) -> impl Future<Output = Result<Confirmation>> + Send {
+        let _ = id;
+        self.send(lane, index, message)
+    }
 
     /// Finishes outstanding work (flushes producers) before the process ends.
     fn close(self) -> impl Future<Output = Result<()>> + Send;

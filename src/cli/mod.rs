@@ -8,6 +8,7 @@ use crate::ops::inspect::InspectSpec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::time::Duration;
 
+pub mod dedup;
 pub mod playbook;
 
 const AFTER_HELP: &str = "\
@@ -258,6 +259,8 @@ pub struct ForwardArgs {
     #[arg(long, default_value_t = 5)]
     pub max_attempts: u32,
     #[command(flatten)]
+    pub dedup: dedup::DedupArgs,
+    #[command(flatten)]
     pub dry_run: DryRun,
 }
 
@@ -278,6 +281,11 @@ impl From<&ForwardArgs> for ForwardSpec {
             idle_timeout: args.idle_timeout,
             rate_limit: args.rate_limit,
             max_attempts: args.max_attempts,
+            dedup: args.dedup.dedup.clone(),
+            dedup_ttl: args.dedup.dedup_ttl,
+            dedup_inflight_ttl: args.dedup.dedup_inflight_ttl,
+            id_header: args.dedup.id_header.clone(),
+            dedup_optional: args.dedup.dedup_optional,
         }
     }
 }

@@ -44,6 +44,12 @@ fn default_strategy() -> Strategy {
 fn default_key() -> String {
     "routing-key".to_string()
 }
+fn default_dedup_ttl() -> Duration {
+    crate::ops::dedup::DEFAULT_TTL
+}
+fn default_dedup_inflight_ttl() -> Duration {
+    crate::ops::dedup::DEFAULT_INFLIGHT_TTL
+}
 
 /// A client still attached to the backlog: an AMQP consumer or a Kafka group member.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -162,6 +168,26 @@ pub struct ForwardSpec {
     pub rate_limit: Option<f64>,
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// Redis URL (`redis://host:port[/db]`) for duplicate suppression; see `ops::dedup`.
+    #[serde(default)]
+    pub dedup: Option<String>,
+    /// How long a delivered id is remembered.
+    #[serde(default = "default_dedup_ttl", with = "crate::ops::duration_text")]
+    pub dedup_ttl: Duration,
+    /// How long an in-flight mark protects a message being published; older marks of another
+    /// forwarder are stale.
+    #[serde(
+        default = "default_dedup_inflight_ttl",
+        with = "crate::ops::duration_text"
+    )]
+    pub dedup_inflight_ttl: Duration,
+    /// Header carrying the stable id, instead of the broker's own (message-id property; Kafka
+    /// topic-partition-offset).
+    #[serde(default)]
+    pub id_header: Option<String>,
+    /// Forward without suppression (with a warning) when Redis fails, instead of stopping.
+    #[serde(default)]
+    pub dedup_optional: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -291,6 +317,7 @@ pub async fn forward(
     if let Some(factor) = spec.factor {
         crate::ops::validate_factor(factor)?;
     }
+    crate::ops::dedup::validate(spec)?;
     match target {
         Target::Rabbit(rabbit) => {
             rabbitmq::drain::forward(rabbit, spec, dry_run, progress, cancel).await

@@ -1,11 +1,14 @@
 //! The forwarding loop, written once against the `Source`/`Sink` traits: bounded in-flight
 //! window, acknowledgement only after confirmation (contiguously per lane), bounded retries,
-//! rate limiting and graceful stop.
+//! rate limiting, graceful stop and, with a `Dedup`, duplicate suppression: a message with an id
+//! is claimed in Redis before it is published and marked done before it is acknowledged (see
+//! `ops::dedup` for the protocol and what it guarantees).
 
 use crate::broker::{KeySource, Position, Refusal, Sink, Source};
 use crate::error::{Error, Result};
+use crate::ops::dedup::{Claim, Dedup, Store, BUSY_POLL};
 use crate::ops::partition::{key_hash_index, RoundRobin};
-use crate::progress::{Event, Progress};
+use crate::progress::{Event, Level, Progress};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -53,6 +56,8 @@ pub struct LoopSettings {
     pub retry_backoff: Duration,
     /// After a stop signal, how long to wait for outstanding confirmations.
     pub shutdown_grace: Duration,
+    /// Duplicate suppression (`forward --dedup`); `None` publishes every message.
+    pub dedup: Option<Dedup>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,6 +76,13 @@ pub struct LoopOutcome {
     pub retries: u64,
     /// Under key-hash, messages without the key (sent round-robin instead).
     pub unkeyed: u64,
+    /// With `--dedup`: messages delivered before (their id was done), acknowledged on the
+    /// source without publishing.
+    pub duplicates_suppressed: u64,
+    /// With `--dedup`: messages without an id, forwarded without the duplicate check.
+    pub without_id: u64,
+    /// With `--dedup-optional`: why duplicate suppression was off for (part of) the run.
+    pub dedup_bypassed: Option<String>,
     /// Received but not confirmed before the stop; they return to the source.
     pub returned_to_source: u64,
     pub elapsed_secs: f64,
@@ -83,9 +95,59 @@ struct InFlight<M> {
     target: usize,
     message: M,
     attempts: u32,
+    /// The stable id, when the forward deduplicates and the message has one.
+    id: Option<Vec<u8>>,
 }
 
-type Pending = Pin<Box<dyn Future<Output = (u64, std::result::Result<(), Refusal>)> + Send>>;
+/// What an in-flight message waited for.
+enum Step {
+    /// The dedup store's verdict before publishing.
+    Claimed(Result<Claim>),
+    /// The target's answer; for a deduplicated message also whether it was marked done.
+    Confirmed {
+        outcome: std::result::Result<(), Refusal>,
+        marked: Result<()>,
+    },
+}
+
+/// Resolves to the in-flight message's ticket and what happened to it.
+type Pending = Pin<Box<dyn Future<Output = (u64, Step)> + Send>>;
+
+fn claim(store: Store, id: Vec<u8>, ticket: u64, delay: Duration) -> Pending {
+    Box::pin(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        (ticket, Step::Claimed(store.claim(&id, ticket).await))
+    })
+}
+
+/// Publishes `entry`; the returned future resolves once the target confirmed and, when `store`
+/// is given, the id was marked done.
+async fn publish<K: Sink>(
+    sink: &mut K,
+    entry: &InFlight<K::Message>,
+    ticket: u64,
+    store: Option<Store>,
+) -> Result<Pending> {
+    let lane = entry.position.lane;
+    let confirmation = match &entry.id {
+        Some(id) => {
+            sink.send_identified(lane, entry.target, &entry.message, id)
+                .await?
+        }
+        None => sink.send(lane, entry.target, &entry.message).await?,
+    };
+    let mark = store.zip(entry.id.clone());
+    Ok(Box::pin(async move {
+        let outcome = confirmation.await;
+        let marked = match (&outcome, mark) {
+            (Ok(()), Some((store, id))) => store.done(&id).await,
+            _ => Ok(()),
+        };
+        (ticket, Step::Confirmed { outcome, marked })
+    }))
+}
 
 /// Per lane, the positions received and whether each is confirmed, oldest first; only the
 /// confirmed prefix may be acknowledged.
@@ -152,9 +214,11 @@ where
     let mut tracker = AckTracker::default();
     let mut in_flight: HashMap<u64, InFlight<S::Message>> = HashMap::new();
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
-    let mut next_id: u64 = 0;
+    let mut next_ticket: u64 = 0;
     let mut received: u64 = 0;
     let mut forwarded: u64 = 0;
+    let mut suppressed: u64 = 0;
+    let mut without_id: u64 = 0;
     let mut retries: u64 = 0;
     let mut unkeyed: u64 = 0;
     let mut per_target: BTreeMap<String, u64> = BTreeMap::new();
@@ -163,6 +227,11 @@ where
     let mut failure: Option<Error> = None;
     let mut grace_deadline: Option<tokio::time::Instant> = None;
     let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
+    let dedup = settings.dedup.as_ref();
+    // Taken away when `--dedup-optional` bypasses a failing Redis for the rest of the run.
+    let mut store: Option<Store> = dedup.and_then(|dedup| dedup.store.clone());
+    let mut bypassed: Option<String> = None;
+    let optional = dedup.is_some_and(|dedup| dedup.optional);
 
     let result: Result<()> = async {
         loop {
@@ -191,25 +260,81 @@ where
                     // Unconfirmed messages stay unacknowledged and return to the source.
                     break;
                 }
-                Some((id, outcome)) = pending.next(), if !pending.is_empty() => {
-                    let Some(mut entry) = in_flight.remove(&id) else { continue };
+                Some((ticket, step)) = pending.next(), if !pending.is_empty() => {
+                    let Some(mut entry) = in_flight.remove(&ticket) else { continue };
+                    let outcome = match step {
+                        Step::Claimed(Ok(Claim::Fresh)) => {
+                            let step = publish(&mut sink, &entry, ticket, store.clone()).await?;
+                            pending.push(step);
+                            in_flight.insert(ticket, entry);
+                            continue;
+                        }
+                        Step::Claimed(Ok(Claim::Duplicate)) => {
+                            // Delivered before: acknowledging it is all that is left to do.
+                            suppressed += 1;
+                            let flush = in_flight.is_empty();
+                            settle(&mut source, &mut tracker, entry.position, settings.ack_batch, flush).await?;
+                            continue;
+                        }
+                        Step::Claimed(Ok(Claim::Busy)) => {
+                            if stop.is_some() || failure.is_some() {
+                                // Another copy is in flight and we are stopping: this one
+                                // stays on the source, unacknowledged.
+                                continue;
+                            }
+                            let step = match (&store, &entry.id) {
+                                (Some(active), Some(id)) => {
+                                    claim(active.clone(), id.clone(), ticket, BUSY_POLL)
+                                }
+                                // Suppression was bypassed meanwhile (--dedup-optional).
+                                _ => publish(&mut sink, &entry, ticket, None).await?,
+                            };
+                            pending.push(step);
+                            in_flight.insert(ticket, entry);
+                            continue;
+                        }
+                        Step::Claimed(Err(error)) => {
+                            if optional {
+                                bypass(&mut store, &mut bypassed, &error, progress);
+                                let step = publish(&mut sink, &entry, ticket, None).await?;
+                                pending.push(step);
+                                in_flight.insert(ticket, entry);
+                            } else if failure.is_none() {
+                                // Not published: it stays on the source.
+                                failure = Some(error);
+                            }
+                            continue;
+                        }
+                        Step::Confirmed { outcome, marked } => {
+                            if let Err(error) = marked {
+                                // Delivered but not remembered: still acknowledged below, since
+                                // a redelivery would certainly be a duplicate.
+                                if optional {
+                                    bypass(&mut store, &mut bypassed, &error, progress);
+                                } else if failure.is_none() {
+                                    failure = Some(error);
+                                }
+                            }
+                            outcome
+                        }
+                    };
                     match outcome {
                         Ok(()) => {
                             forwarded += 1;
                             *per_target
                                 .entry(sink.target_name(entry.position.lane, entry.target))
                                 .or_default() += 1;
-                            tracker.confirmed(entry.position);
                             let flush = in_flight.is_empty();
-                            for position in tracker.ready_to_ack(settings.ack_batch, flush) {
-                                source.acknowledge(position).await?;
-                                tracker.acked(position);
-                            }
+                            settle(&mut source, &mut tracker, entry.position, settings.ack_batch, flush).await?;
                         }
                         Err(refusal) => {
                             entry.attempts += 1;
                             let target = sink.target_name(entry.position.lane, entry.target);
                             if !refusal.retryable || entry.attempts >= settings.max_attempts {
+                                if let (Some(active), Some(id)) = (&store, &entry.id) {
+                                    // Best effort: a mark left behind only delays a rerun.
+                                    let _ = active.release(id, ticket).await;
+                                }
                                 if failure.is_none() {
                                     failure = Some(Error::Broker(format!(
                                         "{target} refused a message {} time(s), last because {}; it stays on the source and nothing unconfirmed was acknowledged. Check that {target} exists and accepts messages (length limit, permissions), then run forward again",
@@ -220,11 +345,15 @@ where
                             }
                             retries += 1;
                             tokio::time::sleep(settings.retry_backoff * entry.attempts).await;
-                            let confirmation = sink
-                                .send(entry.position.lane, entry.target, &entry.message)
-                                .await?;
-                            pending.push(Box::pin(async move { (id, confirmation.await) }));
-                            in_flight.insert(id, entry);
+                            let step = match (&store, &entry.id) {
+                                // Claiming again refreshes our in-flight mark for the retry.
+                                (Some(active), Some(id)) => {
+                                    claim(active.clone(), id.clone(), ticket, Duration::ZERO)
+                                }
+                                _ => publish(&mut sink, &entry, ticket, None).await?,
+                            };
+                            pending.push(step);
+                            in_flight.insert(ticket, entry);
                         }
                     }
                 }
@@ -245,12 +374,20 @@ where
                                     }
                                 },
                             };
-                            let confirmation = sink.send(position.lane, target, &message).await?;
+                            let id = dedup.and_then(|dedup| S::identity(&message, dedup.id_header.as_deref()));
+                            if dedup.is_some() && id.is_none() {
+                                without_id += 1;
+                            }
+                            let ticket = next_ticket;
+                            next_ticket += 1;
+                            let entry = InFlight { position, target, message, attempts: 0, id };
+                            let step = match (&store, &entry.id) {
+                                (Some(active), Some(id)) => claim(active.clone(), id.clone(), ticket, Duration::ZERO),
+                                _ => publish(&mut sink, &entry, ticket, None).await?,
+                            };
                             tracker.received(position);
-                            let id = next_id;
-                            next_id += 1;
-                            in_flight.insert(id, InFlight { position, target, message, attempts: 0 });
-                            pending.push(Box::pin(async move { (id, confirmation.await) }));
+                            pending.push(step);
+                            in_flight.insert(ticket, entry);
                         }
                         None => {
                             if in_flight.is_empty() && last_message_at.elapsed() >= settings.idle_timeout {
@@ -277,7 +414,7 @@ where
     }
     .await;
 
-    let returned_to_source = received - forwarded;
+    let returned_to_source = received - forwarded - suppressed;
     let closed = source.close().await;
     let flushed = sink.close().await;
     progress.emit(Event::Forwarded {
@@ -299,11 +436,50 @@ where
         per_target,
         retries,
         unkeyed,
+        duplicates_suppressed: suppressed,
+        without_id,
+        dedup_bypassed: bypassed,
         returned_to_source,
         elapsed_secs: started.elapsed().as_secs_f64(),
         rate: rate(forwarded, started.elapsed()),
         stopped_by: stop.unwrap_or(StopReason::Signal),
     })
+}
+
+/// Marks `position` confirmed (or delivered before) and acknowledges on the source what became
+/// releasable: every `batch` messages of a lane, or everything with `flush`.
+async fn settle<S: Source>(
+    source: &mut S,
+    tracker: &mut AckTracker,
+    position: Position,
+    batch: usize,
+    flush: bool,
+) -> Result<()> {
+    tracker.confirmed(position);
+    for position in tracker.ready_to_ack(batch, flush) {
+        source.acknowledge(position).await?;
+        tracker.acked(position);
+    }
+    Ok(())
+}
+
+/// `--dedup-optional` and Redis failed: forward the rest of the run without suppression, and say so once.
+fn bypass(
+    store: &mut Option<Store>,
+    bypassed: &mut Option<String>,
+    error: &Error,
+    progress: &Progress,
+) {
+    if store.take().is_some() {
+        let reason = error.to_string();
+        progress.emit(Event::Notice {
+            level: Level::Warn,
+            message: format!(
+                "duplicate suppression is OFF for the rest of this forward (--dedup-optional): {reason}"
+            ),
+        });
+        *bypassed = Some(reason);
+    }
 }
 
 fn rate(count: u64, elapsed: Duration) -> f64 {

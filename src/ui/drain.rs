@@ -70,6 +70,26 @@ pub fn forward(outcome: &ForwardOutcome) -> String {
                 result.unkeyed
             );
         }
+        if result.duplicates_suppressed > 0 {
+            let _ = writeln!(
+                out,
+                "  {} duplicates suppressed (delivered before; acknowledged without publishing)",
+                result.duplicates_suppressed
+            );
+        }
+        if result.without_id > 0 {
+            let _ = writeln!(
+                out,
+                "  {} messages had no id and were forwarded without the duplicate check",
+                result.without_id
+            );
+        }
+        if let Some(reason) = &result.dedup_bypassed {
+            let _ = writeln!(
+                out,
+                "  duplicate suppression was bypassed (--dedup-optional): {reason}"
+            );
+        }
         if result.returned_to_source > 0 {
             let _ = writeln!(
                 out,

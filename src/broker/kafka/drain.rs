@@ -18,6 +18,7 @@ use super::inspect::{describe_group, unknown_group};
 use crate::broker::KeySource;
 use crate::endpoint::KafkaTarget;
 use crate::error::{Error, Result};
+use crate::ops::dedup::{self, Dedup};
 use crate::ops::drain::*;
 use crate::ops::exec;
 use crate::ops::forward_loop::{self, LoopSettings, Strategy};
@@ -894,7 +895,7 @@ fn validate_forward(spec: &ForwardSpec) -> Result<()> {
     Ok(())
 }
 
-fn loop_settings(spec: &ForwardSpec, key: KeySource) -> LoopSettings {
+fn loop_settings(spec: &ForwardSpec, key: KeySource, dedup: Option<Dedup>) -> LoopSettings {
     LoopSettings {
         window: spec.confirm_window,
         ack_batch: spec.ack_batch,
@@ -906,6 +907,7 @@ fn loop_settings(spec: &ForwardSpec, key: KeySource) -> LoopSettings {
         max_attempts: spec.max_attempts,
         retry_backoff: Duration::from_millis(500),
         shutdown_grace: SHUTDOWN_GRACE,
+        dedup,
     }
 }
 
@@ -1107,9 +1109,11 @@ pub async fn forward(
         strategy_name(spec.strategy, &key)
     );
 
+    let dedup_line = dedup::describe(spec, "<topic>-<partition>-<offset>");
     if dry_run {
         actions.push(format!("would consume {consume_line}"));
         actions.push(format!("would produce to {produce_line}"));
+        actions.extend(dedup_line.map(|line| format!("would {line}")));
         if !members.is_empty() {
             actions.push(format!(
                 "would refuse now: group '{group}' has {} member(s): {}",
@@ -1127,6 +1131,7 @@ pub async fn forward(
         });
     }
 
+    let dedup = Dedup::open(spec, &["kafka", &spec.name, group], progress).await?;
     let sink = KafkaSink::new(target, &temp, factor, temp_partitions)?;
     // Waiting for a dead forwarder to leave and joining the group both take seconds: a stop
     // signal ends them (nothing was consumed yet).
@@ -1142,10 +1147,11 @@ pub async fn forward(
     };
     actions.push(format!("consumed {consume_line}"));
     actions.push(format!("produced to {produce_line}"));
+    actions.extend(dedup_line);
     let result = forward_loop::run(
         source_side,
         sink,
-        &loop_settings(spec, key),
+        &loop_settings(spec, key, dedup),
         progress,
         cancel,
     )

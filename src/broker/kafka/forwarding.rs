@@ -6,7 +6,7 @@
 //! forwarder commits is one the original consumers will not read again.
 
 use super::client::{self, blocking, request_error};
-use crate::broker::{Confirmation, KeySource, Position, Refusal, Sink, Source};
+use crate::broker::{Confirmation, KeySource, Position, Refusal, Sink, Source, ID_HEADER};
 use crate::endpoint::KafkaTarget;
 use crate::error::{Error, Result};
 use rdkafka::client::ClientContext;
@@ -14,7 +14,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
@@ -277,6 +277,28 @@ impl Source for KafkaSource {
         }
     }
 
+    fn identity(message: &OwnedMessage, header: Option<&str>) -> Option<Vec<u8>> {
+        match header {
+            Some(name) => message
+                .headers()?
+                .iter()
+                .find(|found| found.key == name)
+                .and_then(|found| found.value)
+                .filter(|value| !value.is_empty())
+                .map(<[u8]>::to_vec),
+            // Where the record sits in the source is unique and survives every redelivery.
+            None => Some(
+                format!(
+                    "{}-{}-{}",
+                    message.topic(),
+                    message.partition(),
+                    message.offset()
+                )
+                .into_bytes(),
+            ),
+        }
+    }
+
     async fn acknowledge(&mut self, position: Position) -> Result<()> {
         let partition = i32::try_from(position.lane)
             .map_err(|_| Error::Broker(format!("partition {} is out of range", position.lane)))?;
@@ -432,6 +454,60 @@ impl Sink for KafkaSink {
         index: usize,
         message: &OwnedMessage,
     ) -> Result<Confirmation> {
+        self.produce(lane, index, message, None).await
+    }
+
+    async fn send_identified(
+        &mut self,
+        lane: u32,
+        index: usize,
+        message: &OwnedMessage,
+        id: &[u8],
+    ) -> Result<Confirmation> {
+        self.produce(lane, index, message, Some(id)).await
+    }
+
+    async fn close(self) -> Result<()> {
+        let producer = self.producer;
+        let topic = self.topic;
+        let bootstrap = self.bootstrap;
+        blocking(move || {
+            producer.flush(FLUSH_TIMEOUT).map_err(|error| {
+                Error::Broker(format!(
+                    "the producer could not deliver every message to temporary topic '{topic}' on {bootstrap} within {}: {error}; unconfirmed messages were not committed on the source and will be forwarded again",
+                    humantime::format_duration(FLUSH_TIMEOUT)
+                ))
+            })
+        })
+        .await
+    }
+}
+
+/// The record's headers, with `id` as the only `ID_HEADER` when given.
+fn forwarded_headers(message: &OwnedMessage, id: Option<&[u8]>) -> Option<OwnedHeaders> {
+    let Some(id) = id else {
+        return message.headers().cloned();
+    };
+    let mut headers = OwnedHeaders::new();
+    if let Some(original) = message.headers() {
+        for header in original.iter().filter(|header| header.key != ID_HEADER) {
+            headers = headers.insert(header);
+        }
+    }
+    Some(headers.insert(Header {
+        key: ID_HEADER,
+        value: Some(id),
+    }))
+}
+
+impl KafkaSink {
+    async fn produce(
+        &mut self,
+        lane: u32,
+        index: usize,
+        message: &OwnedMessage,
+        id: Option<&[u8]>,
+    ) -> Result<Confirmation> {
         let partition = self.partition(lane, index).ok_or_else(|| {
             Error::Broker(format!(
                 "source partition {lane} has no target partition {index} in temporary topic '{}' ({} partitions, {} per source partition); run expand with the factor used for forward",
@@ -446,8 +522,8 @@ impl Sink for KafkaSink {
         if let Some(payload) = message.payload() {
             record = record.payload(payload);
         }
-        if let Some(headers) = message.headers() {
-            record = record.headers(headers.clone());
+        if let Some(headers) = forwarded_headers(message, id) {
+            record = record.headers(headers);
         }
         if let Some(timestamp) = message.timestamp().to_millis() {
             record = record.timestamp(timestamp);
@@ -481,21 +557,6 @@ impl Sink for KafkaSink {
                 }),
             }
         }))
-    }
-
-    async fn close(self) -> Result<()> {
-        let producer = self.producer;
-        let topic = self.topic;
-        let bootstrap = self.bootstrap;
-        blocking(move || {
-            producer.flush(FLUSH_TIMEOUT).map_err(|error| {
-                Error::Broker(format!(
-                    "the producer could not deliver every message to temporary topic '{topic}' on {bootstrap} within {}: {error}; unconfirmed messages were not committed on the source and will be forwarded again",
-                    humantime::format_duration(FLUSH_TIMEOUT)
-                ))
-            })
-        })
-        .await
     }
 }
 
@@ -560,6 +621,57 @@ mod tests {
             None
         );
         assert_eq!(KafkaSource::key(&keyed, &KeySource::MessageId), None);
+    }
+
+    #[test]
+    fn identity_is_where_the_record_sits_or_a_header() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "event-id",
+                value: Some("e-9"),
+            })
+            .insert(Header {
+                key: "blank",
+                value: Some(""),
+            });
+        let record = message(None, Some(headers));
+        assert_eq!(
+            KafkaSource::identity(&record, None),
+            Some(b"orders-2-41".to_vec())
+        );
+        assert_eq!(
+            KafkaSource::identity(&record, Some("event-id")),
+            Some(b"e-9".to_vec())
+        );
+        assert_eq!(KafkaSource::identity(&record, Some("blank")), None);
+        assert_eq!(KafkaSource::identity(&record, Some("other")), None);
+    }
+
+    #[test]
+    fn the_id_header_is_stamped_once() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: ID_HEADER,
+                value: Some("old"),
+            })
+            .insert(Header {
+                key: "keep",
+                value: Some("k"),
+            });
+        let record = message(None, Some(headers));
+        let stamped = forwarded_headers(&record, Some(b"orders-2-41")).expect("headers");
+        let pairs: Vec<(&str, Option<&[u8]>)> = stamped
+            .iter()
+            .map(|header| (header.key, header.value))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("keep", Some(&b"k"[..])),
+                (ID_HEADER, Some(&b"orders-2-41"[..]))
+            ]
+        );
+        assert!(forwarded_headers(&message(None, None), None).is_none());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use super::settings;
 use crate::broker::KeySource;
 use crate::endpoint::RabbitTarget;
 use crate::error::{Error, Result};
+use crate::ops::dedup::{self, Dedup};
 use crate::ops::drain::*;
 use crate::ops::estimate;
 use crate::ops::exec;
@@ -482,7 +483,7 @@ pub fn validate_window(spec: &ForwardSpec) -> Result<()> {
     Ok(())
 }
 
-pub fn loop_settings(spec: &ForwardSpec, key: KeySource) -> LoopSettings {
+pub fn loop_settings(spec: &ForwardSpec, key: KeySource, dedup: Option<Dedup>) -> LoopSettings {
     LoopSettings {
         window: spec.confirm_window,
         ack_batch: spec.ack_batch,
@@ -494,6 +495,7 @@ pub fn loop_settings(spec: &ForwardSpec, key: KeySource) -> LoopSettings {
         max_attempts: spec.max_attempts,
         retry_backoff: Duration::from_millis(500),
         shutdown_grace: SHUTDOWN_GRACE,
+        dedup,
     }
 }
 
@@ -553,7 +555,7 @@ pub async fn forward(
     for name in &targets {
         queue_detail(&api, target, name).await?;
     }
-    let actions = vec![format!(
+    let mut actions = vec![format!(
         "{} queue '{}' ({} messages now) with prefetch {} and publish into {} by {} (confirm window {}), acking only after each confirm",
         if dry_run { "would consume" } else { "consume" },
         spec.name,
@@ -563,6 +565,7 @@ pub async fn forward(
         spec.strategy.name(),
         spec.confirm_window
     )];
+    actions.extend(dedup::describe(spec, "the message-id property"));
     if dry_run {
         return Ok(ForwardOutcome {
             name: spec.name.clone(),
@@ -580,6 +583,7 @@ pub async fn forward(
             targets.len()
         ),
     });
+    let dedup = Dedup::open(spec, &["amqp", &target.vhost, &spec.name], progress).await?;
     let connection = amqp::connect(target, &format!("forward {}", spec.name)).await?;
     let queue_source = QueueSource::open(&connection, target, &spec.name, spec.prefetch).await?;
     let sink = QueueSink::open(&connection, target, targets.clone()).await?;
@@ -587,7 +591,7 @@ pub async fn forward(
     let outcome = forward_loop::run(
         queue_source,
         sink,
-        &loop_settings(spec, key),
+        &loop_settings(spec, key, dedup),
         progress,
         cancel,
     )

@@ -1,7 +1,7 @@
 //! RabbitMQ as a forwarding source (manual-ack consumer) and sink (publisher confirms).
 
 use super::amqp::{channel_error, connection_error};
-use crate::broker::{Confirmation, KeySource, Position, Refusal, Sink, Source};
+use crate::broker::{Confirmation, KeySource, Position, Refusal, Sink, Source, ID_HEADER};
 use crate::endpoint::RabbitTarget;
 use crate::error::{Error, Result};
 use futures_util::StreamExt;
@@ -104,6 +104,34 @@ impl Source for QueueSource {
         }
     }
 
+    fn identity(message: &Delivery, header: Option<&str>) -> Option<Vec<u8>> {
+        let id = match header {
+            None => message
+                .properties
+                .message_id()
+                .as_ref()?
+                .as_str()
+                .as_bytes()
+                .to_vec(),
+            Some(name) => {
+                match message.properties.headers().as_ref()?.inner().get(name)? {
+                    AMQPValue::LongString(text) => text.as_bytes().to_vec(),
+                    AMQPValue::ShortString(text) => text.as_str().as_bytes().to_vec(),
+                    // Producers often number their messages: integers are ids too.
+                    AMQPValue::ShortShortInt(n) => n.to_string().into_bytes(),
+                    AMQPValue::ShortShortUInt(n) => n.to_string().into_bytes(),
+                    AMQPValue::ShortInt(n) => n.to_string().into_bytes(),
+                    AMQPValue::ShortUInt(n) => n.to_string().into_bytes(),
+                    AMQPValue::LongInt(n) => n.to_string().into_bytes(),
+                    AMQPValue::LongUInt(n) => n.to_string().into_bytes(),
+                    AMQPValue::LongLongInt(n) => n.to_string().into_bytes(),
+                    _ => return None,
+                }
+            }
+        };
+        (!id.is_empty()).then_some(id)
+    }
+
     async fn acknowledge(&mut self, position: Position) -> Result<()> {
         self.channel
             .basic_ack(position.seq, BasicAckOptions { multiple: true })
@@ -170,6 +198,32 @@ impl Sink for QueueSink {
     }
 
     async fn send(&mut self, _lane: u32, index: usize, message: &Delivery) -> Result<Confirmation> {
+        self.publish(index, message, None).await
+    }
+
+    async fn send_identified(
+        &mut self,
+        _lane: u32,
+        index: usize,
+        message: &Delivery,
+        id: &[u8],
+    ) -> Result<Confirmation> {
+        self.publish(index, message, Some(id)).await
+    }
+
+    async fn close(self) -> Result<()> {
+        let _ = self.channel.close(200, "mqdrain forward done".into()).await;
+        Ok(())
+    }
+}
+
+impl QueueSink {
+    async fn publish(
+        &mut self,
+        index: usize,
+        message: &Delivery,
+        id: Option<&[u8]>,
+    ) -> Result<Confirmation> {
         let mut headers = message.properties.headers().clone().unwrap_or_default();
         // A message forwarded twice keeps the record of where it was first published.
         let inner = headers.inner();
@@ -182,6 +236,12 @@ impl Sink for QueueSink {
             headers.insert(
                 ShortString::from(ORIGINAL_ROUTING_KEY_HEADER),
                 AMQPValue::LongString(message.routing_key.as_str().into()),
+            );
+        }
+        if let Some(id) = id {
+            headers.insert(
+                ShortString::from(ID_HEADER),
+                AMQPValue::LongString(id.to_vec().into()),
             );
         }
         let properties = message.properties.clone().with_headers(headers);
@@ -224,10 +284,5 @@ impl Sink for QueueSink {
                 }),
             }
         }))
-    }
-
-    async fn close(self) -> Result<()> {
-        let _ = self.channel.close(200, "mqdrain forward done".into()).await;
-        Ok(())
     }
 }
