@@ -76,6 +76,8 @@ pub struct Dedup {
     /// `None` when `--dedup-optional` let the forward go on without Redis.
     pub store: Option<Store>,
     pub optional: bool,
+    /// Why there is no store, for the summary.
+    pub bypassed: Option<String>,
 }
 
 impl std::fmt::Debug for Dedup {
@@ -84,6 +86,7 @@ impl std::fmt::Debug for Dedup {
             .field("id_header", &self.id_header)
             .field("store", &self.store.as_ref().map(|store| &store.endpoint))
             .field("optional", &self.optional)
+            .field("bypassed", &self.bypassed)
             .finish()
     }
 }
@@ -168,24 +171,28 @@ impl Dedup {
             return Ok(None);
         };
         let endpoint = redact_url(url);
-        let store = match connect(url).await {
-            Ok(connection) => Some(Store {
-                connection,
-                endpoint,
-                prefix: key_prefix(scope),
-                ttl: spec.dedup_ttl,
-                inflight_ttl: spec.dedup_inflight_ttl,
-                owner: owner(),
-            }),
+        let (store, bypassed) = match connect(url).await {
+            Ok(connection) => (
+                Some(Store {
+                    connection,
+                    endpoint,
+                    prefix: key_prefix(scope),
+                    ttl: spec.dedup_ttl,
+                    inflight_ttl: spec.dedup_inflight_ttl,
+                    owner: owner(),
+                }),
+                None,
+            ),
             Err(detail) if spec.dedup_optional => {
+                let reason = format!("cannot reach Redis at {endpoint} ({detail})");
                 progress.emit(Event::Notice {
                     level: Level::Warn,
                     message: format!(
-                        "cannot reach Redis at {endpoint} ({detail}): forwarding WITHOUT duplicate suppression (--dedup-optional); ids are still stamped into '{}'",
+                        "{reason}: forwarding WITHOUT duplicate suppression (--dedup-optional); ids are still stamped into '{}'",
                         crate::broker::ID_HEADER
                     ),
                 });
-                None
+                (None, Some(reason))
             }
             Err(detail) => {
                 return Err(Error::Unreachable {
@@ -201,6 +208,7 @@ impl Dedup {
             id_header: spec.id_header.clone(),
             store,
             optional: spec.dedup_optional,
+            bypassed,
         }))
     }
 }

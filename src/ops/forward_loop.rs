@@ -103,6 +103,8 @@ struct InFlight<M> {
 enum Step {
     /// The dedup store's verdict before publishing.
     Claimed(Result<Claim>),
+    /// A refused message's retry backoff is over: publish it again.
+    Due,
     /// The target's answer; for a deduplicated message also whether it was marked done.
     Confirmed {
         outcome: std::result::Result<(), Refusal>,
@@ -197,6 +199,76 @@ impl AckTracker {
     }
 }
 
+/// With dedup, claims resolve in any order; per lane, messages wait here in reception order and
+/// are published only once every earlier message of the lane was published or settled, so that
+/// deduplication does not reorder what key-hash keeps in order.
+#[derive(Default)]
+struct PublishOrder {
+    /// Per lane: ticket, and whether it may be published (claimed, or needs no claim).
+    lanes: HashMap<u32, VecDeque<(u64, bool)>>,
+}
+
+impl PublishOrder {
+    fn enqueue(&mut self, lane: u32, ticket: u64, ready: bool) {
+        self.lanes
+            .entry(lane)
+            .or_default()
+            .push_back((ticket, ready));
+    }
+
+    /// Marks a queued ticket publishable; false when it is not queued (a retry's re-claim).
+    fn mark_ready(&mut self, lane: u32, ticket: u64) -> bool {
+        let found = self
+            .lanes
+            .get_mut(&lane)
+            .and_then(|queue| queue.iter_mut().find(|(queued, _)| *queued == ticket));
+        match found {
+            Some(slot) => {
+                slot.1 = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a ticket that will not be published (a duplicate, or left on the source).
+    fn remove(&mut self, lane: u32, ticket: u64) {
+        if let Some(queue) = self.lanes.get_mut(&lane) {
+            queue.retain(|(queued, _)| *queued != ticket);
+        }
+    }
+
+    /// The lane's next ticket to publish, if it is publishable.
+    fn pop_ready(&mut self, lane: u32) -> Option<u64> {
+        let queue = self.lanes.get_mut(&lane)?;
+        match queue.front() {
+            Some(&(ticket, true)) => {
+                queue.pop_front();
+                Some(ticket)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Publishes the lane's publishable head of line.
+async fn publish_ready<K: Sink>(
+    order: &mut PublishOrder,
+    lane: u32,
+    sink: &mut K,
+    in_flight: &HashMap<u64, InFlight<K::Message>>,
+    pending: &mut FuturesUnordered<Pending>,
+    store: &Option<Store>,
+) -> Result<()> {
+    while let Some(ticket) = order.pop_ready(lane) {
+        if let Some(entry) = in_flight.get(&ticket) {
+            let step = publish(sink, entry, ticket, store.clone()).await?;
+            pending.push(step);
+        }
+    }
+    Ok(())
+}
+
 pub async fn run<S, K>(
     mut source: S,
     mut sink: K,
@@ -214,6 +286,7 @@ where
     let mut tracker = AckTracker::default();
     let mut in_flight: HashMap<u64, InFlight<S::Message>> = HashMap::new();
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut order = PublishOrder::default();
     let mut next_ticket: u64 = 0;
     let mut received: u64 = 0;
     let mut forwarded: u64 = 0;
@@ -230,7 +303,7 @@ where
     let dedup = settings.dedup.as_ref();
     // Taken away when `--dedup-optional` bypasses a failing Redis for the rest of the run.
     let mut store: Option<Store> = dedup.and_then(|dedup| dedup.store.clone());
-    let mut bypassed: Option<String> = None;
+    let mut bypassed: Option<String> = dedup.and_then(|dedup| dedup.bypassed.clone());
     let optional = dedup.is_some_and(|dedup| dedup.optional);
 
     let result: Result<()> = async {
@@ -263,46 +336,55 @@ where
                 Some((ticket, step)) = pending.next(), if !pending.is_empty() => {
                     let Some(mut entry) = in_flight.remove(&ticket) else { continue };
                     let outcome = match step {
-                        Step::Claimed(Ok(Claim::Fresh)) => {
+                        Step::Claimed(verdict) => {
+                            let lane = entry.position.lane;
+                            let stopping = stop.is_some() || failure.is_some();
+                            match verdict {
+                                Ok(Claim::Duplicate) => {
+                                    // Delivered before: acknowledging it is all that is left.
+                                    suppressed += 1;
+                                    order.remove(lane, ticket);
+                                    let flush = in_flight.is_empty();
+                                    settle(&mut source, &mut tracker, entry.position, settings.ack_batch, flush).await?;
+                                }
+                                Ok(Claim::Busy) if stopping => {
+                                    // Another copy is in flight and we are stopping: this one
+                                    // stays on the source, unacknowledged.
+                                    order.remove(lane, ticket);
+                                }
+                                Ok(Claim::Busy) if store.is_some() => {
+                                    if let (Some(active), Some(id)) = (&store, &entry.id) {
+                                        pending.push(claim(active.clone(), id.clone(), ticket, BUSY_POLL));
+                                    }
+                                    in_flight.insert(ticket, entry);
+                                }
+                                Err(error) if !optional => {
+                                    // Not published: it stays on the source.
+                                    order.remove(lane, ticket);
+                                    if failure.is_none() {
+                                        failure = Some(error);
+                                    }
+                                }
+                                // Claimed; or Busy/failed after --dedup-optional bypassed Redis.
+                                other => {
+                                    if let Err(error) = &other {
+                                        bypass(&mut store, &mut bypassed, error, progress);
+                                    }
+                                    if !order.mark_ready(lane, ticket) {
+                                        // A retry's re-claim: it was in order once already.
+                                        let step = publish(&mut sink, &entry, ticket, store.clone()).await?;
+                                        pending.push(step);
+                                    }
+                                    in_flight.insert(ticket, entry);
+                                }
+                            }
+                            publish_ready(&mut order, lane, &mut sink, &in_flight, &mut pending, &store).await?;
+                            continue;
+                        }
+                        Step::Due => {
                             let step = publish(&mut sink, &entry, ticket, store.clone()).await?;
                             pending.push(step);
                             in_flight.insert(ticket, entry);
-                            continue;
-                        }
-                        Step::Claimed(Ok(Claim::Duplicate)) => {
-                            // Delivered before: acknowledging it is all that is left to do.
-                            suppressed += 1;
-                            let flush = in_flight.is_empty();
-                            settle(&mut source, &mut tracker, entry.position, settings.ack_batch, flush).await?;
-                            continue;
-                        }
-                        Step::Claimed(Ok(Claim::Busy)) => {
-                            if stop.is_some() || failure.is_some() {
-                                // Another copy is in flight and we are stopping: this one
-                                // stays on the source, unacknowledged.
-                                continue;
-                            }
-                            let step = match (&store, &entry.id) {
-                                (Some(active), Some(id)) => {
-                                    claim(active.clone(), id.clone(), ticket, BUSY_POLL)
-                                }
-                                // Suppression was bypassed meanwhile (--dedup-optional).
-                                _ => publish(&mut sink, &entry, ticket, None).await?,
-                            };
-                            pending.push(step);
-                            in_flight.insert(ticket, entry);
-                            continue;
-                        }
-                        Step::Claimed(Err(error)) => {
-                            if optional {
-                                bypass(&mut store, &mut bypassed, &error, progress);
-                                let step = publish(&mut sink, &entry, ticket, None).await?;
-                                pending.push(step);
-                                in_flight.insert(ticket, entry);
-                            } else if failure.is_none() {
-                                // Not published: it stays on the source.
-                                failure = Some(error);
-                            }
                             continue;
                         }
                         Step::Confirmed { outcome, marked } => {
@@ -344,13 +426,18 @@ where
                                 continue;
                             }
                             retries += 1;
-                            tokio::time::sleep(settings.retry_backoff * entry.attempts).await;
+                            // The backoff runs as a pending step, not here: meanwhile the loop
+                            // keeps settling confirmations (and writing their done marks).
+                            let backoff = settings.retry_backoff * entry.attempts;
                             let step = match (&store, &entry.id) {
                                 // Claiming again refreshes our in-flight mark for the retry.
                                 (Some(active), Some(id)) => {
-                                    claim(active.clone(), id.clone(), ticket, Duration::ZERO)
+                                    claim(active.clone(), id.clone(), ticket, backoff)
                                 }
-                                _ => publish(&mut sink, &entry, ticket, None).await?,
+                                _ => Box::pin(async move {
+                                    tokio::time::sleep(backoff).await;
+                                    (ticket, Step::Due)
+                                }),
                             };
                             pending.push(step);
                             in_flight.insert(ticket, entry);
@@ -381,13 +468,20 @@ where
                             let ticket = next_ticket;
                             next_ticket += 1;
                             let entry = InFlight { position, target, message, attempts: 0, id };
-                            let step = match (&store, &entry.id) {
-                                (Some(active), Some(id)) => claim(active.clone(), id.clone(), ticket, Duration::ZERO),
-                                _ => publish(&mut sink, &entry, ticket, None).await?,
-                            };
                             tracker.received(position);
-                            pending.push(step);
-                            in_flight.insert(ticket, entry);
+                            if dedup.is_some() {
+                                let needs_claim = store.is_some() && entry.id.is_some();
+                                order.enqueue(position.lane, ticket, !needs_claim);
+                                if let (true, Some(active), Some(id)) = (needs_claim, &store, &entry.id) {
+                                    pending.push(claim(active.clone(), id.clone(), ticket, Duration::ZERO));
+                                }
+                                in_flight.insert(ticket, entry);
+                                publish_ready(&mut order, position.lane, &mut sink, &in_flight, &mut pending, &store).await?;
+                            } else {
+                                let step = publish(&mut sink, &entry, ticket, None).await?;
+                                pending.push(step);
+                                in_flight.insert(ticket, entry);
+                            }
                         }
                         None => {
                             if in_flight.is_empty() && last_message_at.elapsed() >= settings.idle_timeout {

@@ -29,6 +29,10 @@ pub fn management_url() -> String {
     format!("http://127.0.0.1:{}", port("MQDRAIN_HTTP_PORT", 15672))
 }
 
+pub fn redis_url() -> String {
+    format!("redis://127.0.0.1:{}/", port("MQDRAIN_REDIS_PORT", 6379))
+}
+
 pub fn kafka_bootstrap() -> String {
     format!("127.0.0.1:{}", port("MQDRAIN_KAFKA_PORT", 9092))
 }

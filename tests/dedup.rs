@@ -1,0 +1,611 @@
+//! `forward --dedup` against real RabbitMQ, Kafka and Redis: producer duplicates, a forwarder
+//! killed with SIGKILL and rerun, and Redis unreachable (with and without `--dedup-optional`).
+
+mod common;
+
+use common::*;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
+use lapin::BasicProperties;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+const QUIET: Duration = Duration::from_secs(2);
+const ID_HEADER: &str = "x-mqdrain-id";
+
+async fn run(url: &str, args: &[&str]) -> std::process::Output {
+    let mut full = vec!["--url", url, "--output", "json"];
+    full.extend_from_slice(args);
+    mqdrain(&full).await
+}
+
+async fn run_ok(url: &str, args: &[&str]) -> Value {
+    let output = run(url, args).await;
+    assert!(
+        output.status.success(),
+        "mqdrain {args:?} failed ({:?}): {}",
+        output.status.code(),
+        stderr(&output)
+    );
+    stdout_json(&output)
+}
+
+/// Publishes one persistent message per entry, with that message-id (or none).
+async fn publish_ids(queue: &str, ids: &[Option<String>]) {
+    let connection = amqp_connection("test producer").await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for (index, id) in ids.iter().enumerate() {
+        let mut properties = BasicProperties::default().with_delivery_mode(2);
+        if let Some(id) = id {
+            properties = properties.with_message_id(id.as_str().into());
+        }
+        confirms.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    format!("payload {index}").as_bytes(),
+                    properties,
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for confirm in confirms {
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    let _ = connection.close(200, "published".into()).await;
+}
+
+async fn declare(queue: &str) {
+    let connection = amqp_connection("test setup").await;
+    let channel = connection.create_channel().await.unwrap();
+    declare_queue(&channel, queue, &[]).await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
+async fn delete_queues(names: &[String]) {
+    let connection = amqp_connection("test cleanup").await;
+    for name in names {
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+fn header_text(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(text.to_string()),
+        _ => None,
+    }
+}
+
+/// Every delivery of the temporary queues: (message-id, x-mqdrain-id header).
+async fn drain_temps(temps: &[String]) -> Vec<(String, Option<String>)> {
+    let connection = amqp_connection("test temporary consumers").await;
+    let mut seen = Vec::new();
+    for temp in temps {
+        for delivery in consume_all(&connection, temp, QUIET).await {
+            seen.push((message_id(&delivery), header_text(&delivery, ID_HEADER)));
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    seen
+}
+
+fn counts(ids: impl IntoIterator<Item = String>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for id in ids {
+        *counts.entry(id).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn a_producer_duplicate_is_forwarded_once_and_counted() {
+    let queue = unique("dedup-dup");
+    declare(&queue).await;
+    let mut ids: Vec<Option<String>> = (0..10).map(|i| Some(format!("order-{i}"))).collect();
+    // The producer retried order-3 (same message-id), and one message has no id at all.
+    ids.push(Some("order-3".to_string()));
+    ids.push(None);
+    publish_ids(&queue, &ids).await;
+    let url = amqp_url();
+    run_ok(&url, &["expand", &queue, "--factor", "2"]).await;
+    let temps: Vec<String> = (0..2).map(|i| format!("{queue}.drain.{i}")).collect();
+
+    let outcome = run_ok(
+        &url,
+        &[
+            "forward",
+            &queue,
+            "--dedup",
+            &redis_url(),
+            "--idle-timeout",
+            "2s",
+        ],
+    )
+    .await;
+    let result = &outcome["result"];
+    assert_eq!(result["forwarded"], 11, "{outcome:#}");
+    assert_eq!(result["duplicates_suppressed"], 1, "{outcome:#}");
+    assert_eq!(result["without_id"], 1, "{outcome:#}");
+    assert_eq!(result["returned_to_source"], 0, "{outcome:#}");
+    assert!(
+        outcome["actions"]
+            .as_array()
+            .is_some_and(|actions| actions.iter().any(|a| a
+                .as_str()
+                .is_some_and(|a| a.contains("suppress duplicates by the message-id property")))),
+        "{outcome:#}"
+    );
+    assert_eq!(
+        queue_info(&queue).await.map(|q| q["messages"].clone()),
+        Some(json!(0))
+    );
+
+    let seen = drain_temps(&temps).await;
+    assert_eq!(seen.len(), 11);
+    let with_id: Vec<&(String, Option<String>)> =
+        seen.iter().filter(|(id, _)| !id.is_empty()).collect();
+    assert_eq!(with_id.len(), 10, "order-3 once: {seen:?}");
+    for (id, stamped) in &with_id {
+        assert_eq!(
+            stamped.as_deref(),
+            Some(id.as_str()),
+            "id stamped into {ID_HEADER}"
+        );
+    }
+    assert!(counts(with_id.iter().map(|(id, _)| id.clone()))
+        .values()
+        .all(|count| *count == 1));
+
+    // The human summary says it too.
+    publish_ids(&queue, &[Some("order-3".to_string())]).await;
+    let output = mqdrain(&[
+        "--url",
+        &url,
+        "forward",
+        &queue,
+        "--dedup",
+        &redis_url(),
+        "--idle-timeout",
+        "2s",
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(text.contains("1 duplicates suppressed"), "{text}");
+    delete_queues(&[vec![queue], temps].concat()).await;
+}
+
+#[tokio::test]
+async fn unreachable_redis_stops_the_forward_unless_optional() {
+    let queue = unique("dedup-noredis");
+    declare(&queue).await;
+    let ids: Vec<Option<String>> = (0..20).map(|i| Some(format!("m-{i}"))).collect();
+    publish_ids(&queue, &ids).await;
+    let url = amqp_url();
+    run_ok(&url, &["expand", &queue, "--factor", "2"]).await;
+    let temps: Vec<String> = (0..2).map(|i| format!("{queue}.drain.{i}")).collect();
+    // Nothing listens on port 1.
+    let dead = "redis://127.0.0.1:1/";
+
+    let refused = run(
+        &url,
+        &["forward", &queue, "--dedup", dead, "--idle-timeout", "2s"],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("cannot reach Redis (--dedup) at redis://127.0.0.1:1/"),
+        "{message}"
+    );
+    assert!(message.contains("--dedup-optional"), "{message}");
+    eventually(
+        Duration::from_secs(20),
+        "all 20 still on the source",
+        || {
+            let queue = queue.clone();
+            async move {
+                match queue_info(&queue).await {
+                    Some(info)
+                        if info["messages"] == 20 && info["messages_unacknowledged"] == 0 =>
+                    {
+                        Ok(())
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+
+    let optional = run(
+        &url,
+        &[
+            "forward",
+            &queue,
+            "--dedup",
+            dead,
+            "--dedup-optional",
+            "--idle-timeout",
+            "2s",
+        ],
+    )
+    .await;
+    assert!(optional.status.success(), "{}", stderr(&optional));
+    let warnings = stderr(&optional);
+    assert!(
+        warnings.contains("WITHOUT duplicate suppression"),
+        "a warning event: {warnings}"
+    );
+    let outcome = stdout_json(&optional);
+    assert_eq!(outcome["result"]["forwarded"], 20);
+    assert!(outcome["result"]["dedup_bypassed"]
+        .as_str()
+        .is_some_and(|reason| reason.contains("Redis")));
+    let seen = drain_temps(&temps).await;
+    assert_eq!(seen.len(), 20);
+    assert!(
+        seen.iter()
+            .all(|(id, stamped)| stamped.as_deref() == Some(id.as_str())),
+        "ids are stamped even without Redis"
+    );
+    delete_queues(&[vec![queue], temps].concat()).await;
+}
+
+/// SIGKILL while the forwarder holds marks of every kind: delivered and marked done but not yet
+/// acknowledged, and in flight but refused by the target (full temporary queues rejecting
+/// publishes). The rerun must publish each id exactly once: skip (and ack) the done ones, take
+/// over the dead forwarder's stale in-flight marks and publish those messages.
+#[tokio::test]
+async fn killed_rabbit_forwarder_rerun_publishes_every_id_exactly_once() {
+    let queue = unique("dedup-kill");
+    let total = 3000;
+    declare(&queue).await;
+    let ids: Vec<Option<String>> = (0..total).map(|i| Some(format!("k-{i}"))).collect();
+    publish_ids(&queue, &ids).await;
+    // The temporary queues take 500 messages each and then refuse (nack) publishes.
+    let policy = format!("{queue}-limit");
+    put_policy(
+        &policy,
+        &format!("^{}\\.drain\\.", regex_escape(&queue)),
+        json!({"max-length": 500, "overflow": "reject-publish"}),
+    )
+    .await;
+    let url = amqp_url();
+    run_ok(&url, &["expand", &queue, "--factor", "2"]).await;
+    let temps: Vec<String> = (0..2).map(|i| format!("{queue}.drain.{i}")).collect();
+
+    let redis = redis_url();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
+        .args([
+            "--url",
+            &url,
+            "forward",
+            &queue,
+            "--dedup",
+            &redis,
+            "--max-attempts",
+            "1000",
+            "--ack-batch",
+            "300",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("forwarder starts");
+    eventually(
+        Duration::from_secs(60),
+        "the temporary queues to fill up",
+        || {
+            let temps = temps.clone();
+            async move {
+                let mut sum = 0;
+                for temp in &temps {
+                    sum += queue_info(temp)
+                        .await
+                        .and_then(|q| q["messages"].as_u64())
+                        .unwrap_or(0);
+                }
+                if sum == 1000 {
+                    Ok(())
+                } else {
+                    Err(format!("{sum} in the temporary queues"))
+                }
+            }
+        },
+    )
+    .await;
+    // Let it retry the refused publishes for a while, then kill it mid-forward.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.expect("reaped");
+    let left = eventually(
+        Duration::from_secs(30),
+        "the unacked messages to return",
+        || {
+            let queue = queue.clone();
+            async move {
+                match queue_info(&queue).await {
+                    Some(info)
+                        if info["messages_unacknowledged"] == 0
+                            && info["consumers"] == 0
+                            && info["messages"].as_u64().is_some() =>
+                    {
+                        Ok(info["messages"].as_u64().unwrap_or_default())
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let acked_by_killed = total as u64 - left;
+    println!("killed: {acked_by_killed} acknowledged, 1000 delivered, {left} back on the source");
+    assert!(acked_by_killed <= 1000);
+    delete_policy(&policy).await;
+
+    let rerun = run_ok(
+        &url,
+        &[
+            "forward",
+            &queue,
+            "--dedup",
+            &redis,
+            "--dedup-inflight-ttl",
+            "2s",
+            "--idle-timeout",
+            "3s",
+        ],
+    )
+    .await;
+    let result = &rerun["result"];
+    println!("rerun: {result}");
+    assert_eq!(
+        result["duplicates_suppressed"].as_u64(),
+        Some(1000 - acked_by_killed),
+        "delivered-but-unacknowledged messages are acknowledged, not published again"
+    );
+    assert_eq!(result["forwarded"].as_u64(), Some(total as u64 - 1000));
+
+    let seen = drain_temps(&temps).await;
+    let counted = counts(seen.iter().map(|(id, _)| id.clone()));
+    let expected: HashSet<String> = (0..total).map(|i| format!("k-{i}")).collect();
+    let missing = expected
+        .iter()
+        .filter(|id| !counted.contains_key(*id))
+        .count();
+    let doubled: Vec<(&String, &usize)> = counted.iter().filter(|(_, n)| **n > 1).collect();
+    assert_eq!(missing, 0, "no id lost");
+    assert!(doubled.is_empty(), "every id exactly once: {doubled:?}");
+    assert_eq!(seen.len(), total);
+    delete_queues(&[vec![queue], temps].concat()).await;
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escape = !c.is_ascii_alphanumeric() && c != '-' && c != '_';
+            escape.then_some('\\').into_iter().chain(std::iter::once(c))
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// Kafka
+
+fn kafka_config(group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3");
+    config
+}
+
+/// The group's committed offsets, summed over `partitions`.
+fn committed_total(group: &str, topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = kafka_config(group).create().expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(topic, partition);
+    }
+    consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("committed offsets")
+        .elements()
+        .iter()
+        .filter_map(|element| match element.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        })
+        .sum()
+}
+
+/// Every record of `topic` (all partitions, from the start): its x-mqdrain-id header.
+fn read_ids(topic: &str, partitions: i32) -> Vec<String> {
+    let consumer: BaseConsumer = kafka_config(&unique("reader")).create().expect("consumer");
+    let mut ends = Vec::new();
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .expect("watermarks");
+        list.add_partition_offset(topic, partition, Offset::Offset(low))
+            .expect("offset");
+        ends.push(high);
+    }
+    consumer.assign(&list).expect("assign");
+    let wanted: i64 = ends.iter().sum::<i64>();
+    let mut ids = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (ids.len() as i64) < wanted && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let id = message
+                .headers()
+                .and_then(|headers| headers.iter().find(|h| h.key == ID_HEADER))
+                .and_then(|header| header.value)
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+                .unwrap_or_default();
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// SIGKILL in the middle of a Kafka forward, then a rerun. Ids are the source records'
+/// `<topic>-<partition>-<offset>`. Of what was forwarded but not committed when it died, the
+/// rerun skips (and commits) every message marked done; only the ones the broker had taken but
+/// the dead forwarder had not yet marked can appear twice — a few, never more than the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_kafka_forwarder_rerun_skips_what_was_delivered() {
+    let topic = unique("dedup-kafka");
+    let group = unique("dedup-kafka-app");
+    let per_partition = 15_000;
+    kafka::create_topic(&topic, 2, &[]).await;
+    for partition in 0..2 {
+        kafka::produce(&topic, partition, per_partition).await;
+    }
+    kafka::commit(&group, &topic, &[0, 0]);
+    let url = kafka_url();
+    run_ok(&url, &["expand", &topic, "--factor", "2"]).await;
+    let temp = format!("{topic}.drain");
+    let redis = redis_url();
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
+        .args([
+            "--url",
+            &url,
+            "forward",
+            &topic,
+            "--group",
+            &group,
+            "--dedup",
+            &redis,
+            "--rate-limit",
+            "4000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("forwarder starts");
+    eventually(
+        Duration::from_secs(60),
+        "the forwarder to commit 8000",
+        || {
+            let (group, topic) = (group.clone(), topic.clone());
+            async move {
+                let sum = tokio::task::spawn_blocking(move || committed_total(&group, &topic, 2))
+                    .await
+                    .map_err(|error| error.to_string())?;
+                if sum >= 8_000 {
+                    Ok(())
+                } else {
+                    Err(format!("committed {sum}"))
+                }
+            }
+        },
+    )
+    .await;
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.expect("reaped");
+    let (committed_at_kill, in_temp_at_kill) = {
+        let (group, topic, temp) = (group.clone(), topic.clone(), temp.clone());
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = kafka_config("test-observer").create().expect("consumer");
+            let in_temp: i64 = (0..4)
+                .map(|partition| {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&temp, partition, Duration::from_secs(10))
+                        .expect("watermarks");
+                    high - low
+                })
+                .sum();
+            (committed_total(&group, &topic, 2), in_temp)
+        })
+        .await
+        .expect("offsets")
+    };
+    let uncommitted = in_temp_at_kill - committed_at_kill;
+    println!("killed: {committed_at_kill} committed, {in_temp_at_kill} in the temporary topic");
+    assert!(
+        committed_at_kill < 2 * per_partition as i64,
+        "killed before the end"
+    );
+
+    let rerun = run_ok(
+        &url,
+        &[
+            "forward",
+            &topic,
+            "--group",
+            &group,
+            "--dedup",
+            &redis,
+            "--dedup-inflight-ttl",
+            "2s",
+            "--idle-timeout",
+            "3s",
+        ],
+    )
+    .await;
+    let result = &rerun["result"];
+    let suppressed = result["duplicates_suppressed"].as_i64().unwrap_or(-1);
+    let ids = tokio::task::spawn_blocking({
+        let temp = temp.clone();
+        move || read_ids(&temp, 4)
+    })
+    .await
+    .expect("read");
+    let counted = counts(ids.iter().cloned());
+    let expected: Vec<String> = (0..2)
+        .flat_map(|partition| {
+            let topic = topic.clone();
+            (0..per_partition).map(move |offset| format!("{topic}-{partition}-{offset}"))
+        })
+        .collect();
+    let missing = expected
+        .iter()
+        .filter(|id| !counted.contains_key(*id))
+        .count();
+    let duplicates = ids.len() - counted.len();
+    println!(
+        "rerun: {uncommitted} forwarded but uncommitted at the kill, {suppressed} suppressed, {duplicates} duplicates"
+    );
+    assert_eq!(missing, 0, "no id lost");
+    assert_eq!(counted.len(), expected.len(), "only the source's ids");
+    assert_eq!(
+        suppressed + duplicates as i64,
+        uncommitted,
+        "each forwarded-but-uncommitted message is either suppressed or (not yet marked done) re-published"
+    );
+    assert!(
+        suppressed > 0,
+        "delivered messages were skipped on the rerun"
+    );
+    assert!(
+        duplicates <= 1000,
+        "duplicates only from the dead forwarder's confirm window: {duplicates}"
+    );
+}
