@@ -3,7 +3,7 @@
 use clap::Parser;
 use mqdrain::cli::{Cli, Command, OutputFormat};
 use mqdrain::error::{exit, Error, Result};
-use mqdrain::ops::{drain, inspect};
+use mqdrain::ops::{drain, inspect, plan};
 use mqdrain::ui;
 use serde::Serialize;
 use std::process::ExitCode;
@@ -122,6 +122,10 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             )
             .await?;
             emit(format, &outcome, ui::drain::forward)
+        }
+        Command::Plan(args) => {
+            let report = plan::execute(&target, &args.into(), &progress).await?;
+            emit(format, &report, ui::plan::render)
         }
         Command::Watch(args) => {
             // Human output comes from the progress renderer's bars or lines.

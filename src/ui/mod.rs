@@ -2,6 +2,7 @@
 
 pub mod drain;
 pub mod inspect;
+pub mod plan;
 pub mod playbook;
 pub mod progress;
 
