@@ -285,9 +285,10 @@ pub struct ForwardArgs {
     #[arg(long, default_value_t = 5)]
     pub max_attempts: u32,
     #[command(flatten)]
-    pub dedup: dedup::DedupArgs,
-    #[command(flatten)]
     pub dry_run: DryRun,
+    // Last: its help heading would otherwise also cover the options after it.
+    #[command(flatten)]
+    pub dedup: dedup::DedupArgs,
 }
 
 impl From<&ForwardArgs> for ForwardSpec {
