@@ -619,6 +619,31 @@ mod tests {
     }
 
     #[test]
+    fn publish_order_is_reception_order_per_lane() {
+        let mut order = PublishOrder::default();
+        order.enqueue(0, 1, false);
+        order.enqueue(0, 2, true);
+        order.enqueue(1, 3, true);
+        order.enqueue(0, 4, false);
+        assert_eq!(order.pop_ready(0), None, "2 waits for 1's claim");
+        assert_eq!(
+            order.pop_ready(1),
+            Some(3),
+            "lanes do not wait for each other"
+        );
+        assert!(order.mark_ready(0, 1));
+        assert_eq!(order.pop_ready(0), Some(1));
+        assert_eq!(order.pop_ready(0), Some(2));
+        assert_eq!(order.pop_ready(0), None);
+        order.remove(0, 4);
+        assert_eq!(order.pop_ready(0), None);
+        assert!(
+            !order.mark_ready(0, 2),
+            "published already: a retry's re-claim"
+        );
+    }
+
+    #[test]
     fn lanes_are_independent_and_gaps_in_positions_are_fine() {
         let mut tracker = AckTracker::default();
         tracker.received(at(0, 10));

@@ -566,7 +566,15 @@ pub async fn forward(
         spec.strategy.name(),
         spec.confirm_window
     )];
-    actions.extend(dedup::describe(spec, "the message-id property"));
+    actions.extend(
+        dedup::describe(spec, "the message-id property").map(|line| {
+            if dry_run {
+                format!("would {line}")
+            } else {
+                line
+            }
+        }),
+    );
     if dry_run {
         return Ok(ForwardOutcome {
             name: spec.name.clone(),
