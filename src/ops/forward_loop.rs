@@ -103,8 +103,6 @@ struct InFlight<M> {
 enum Step {
     /// The dedup store's verdict before publishing.
     Claimed(Result<Claim>),
-    /// A refused message's retry backoff is over: publish it again.
-    Due,
     /// The target's answer; for a deduplicated message also whether it was marked done.
     Confirmed {
         outcome: std::result::Result<(), Refusal>,
@@ -140,13 +138,37 @@ async fn publish<K: Sink>(
         }
         None => sink.send(lane, entry.target, &entry.message).await?,
     };
-    let mark = store.zip(entry.id.clone());
-    Ok(Box::pin(async move {
+    let Some((store, id)) = store.zip(entry.id.clone()) else {
+        return Ok(Box::pin(async move {
+            let outcome = confirmation.await;
+            (
+                ticket,
+                Step::Confirmed {
+                    outcome,
+                    marked: Ok(()),
+                },
+            )
+        }));
+    };
+    // A task of its own: the done mark is written as soon as the target confirmed, even while
+    // the loop waits (a retry's backoff), which keeps the window for duplicates after a crash
+    // as short as the confirm itself.
+    let marking = tokio::spawn(async move {
         let outcome = confirmation.await;
-        let marked = match (&outcome, mark) {
-            (Ok(()), Some((store, id))) => store.done(&id).await,
-            _ => Ok(()),
+        let marked = match &outcome {
+            Ok(()) => store.done(&id).await,
+            Err(_) => Ok(()),
         };
+        (outcome, marked)
+    });
+    Ok(Box::pin(async move {
+        let (outcome, marked) = marking.await.unwrap_or_else(|error| {
+            let refusal = Refusal {
+                reason: format!("the confirmation task ended early: {error}"),
+                retryable: false,
+            };
+            (Err(refusal), Ok(()))
+        });
         (ticket, Step::Confirmed { outcome, marked })
     }))
 }
@@ -381,12 +403,6 @@ where
                             publish_ready(&mut order, lane, &mut sink, &in_flight, &mut pending, &store).await?;
                             continue;
                         }
-                        Step::Due => {
-                            let step = publish(&mut sink, &entry, ticket, store.clone()).await?;
-                            pending.push(step);
-                            in_flight.insert(ticket, entry);
-                            continue;
-                        }
                         Step::Confirmed { outcome, marked } => {
                             if let Err(error) = marked {
                                 // Delivered but not remembered: still acknowledged below, since
@@ -426,18 +442,13 @@ where
                                 continue;
                             }
                             retries += 1;
-                            // The backoff runs as a pending step, not here: meanwhile the loop
-                            // keeps settling confirmations (and writing their done marks).
-                            let backoff = settings.retry_backoff * entry.attempts;
+                            tokio::time::sleep(settings.retry_backoff * entry.attempts).await;
                             let step = match (&store, &entry.id) {
                                 // Claiming again refreshes our in-flight mark for the retry.
                                 (Some(active), Some(id)) => {
-                                    claim(active.clone(), id.clone(), ticket, backoff)
+                                    claim(active.clone(), id.clone(), ticket, Duration::ZERO)
                                 }
-                                _ => Box::pin(async move {
-                                    tokio::time::sleep(backoff).await;
-                                    (ticket, Step::Due)
-                                }),
+                                _ => publish(&mut sink, &entry, ticket, None).await?,
                             };
                             pending.push(step);
                             in_flight.insert(ticket, entry);
