@@ -662,3 +662,142 @@ async fn killed_kafka_forwarder_rerun_skips_what_was_delivered() {
         "duplicates only from the dead forwarder's confirm window: {duplicates}"
     );
 }
+
+/// A Redis of the test's own, so that it can fail in the middle of a forward.
+struct PrivateRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        // One port per test of this process, away from the shared brokers'.
+        static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 21_000 + (std::process::id() % 4_000) as u16 * 4 + offset;
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/brokers installs it)");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while client.get_connection().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private Redis did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateRedis { child, url }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a rate-limited forward with `--dedup` on a private Redis, kills that Redis once the
+/// forward is under way, and returns the forward's output and the queue's names.
+async fn forward_while_redis_dies(extra: &[&str]) -> (std::process::Output, String, Vec<String>) {
+    let queue = unique("dedup-redis-dies");
+    declare(&queue).await;
+    let ids: Vec<Option<String>> = (0..6000).map(|i| Some(format!("r-{i}"))).collect();
+    publish_ids(&queue, &ids).await;
+    let url = amqp_url();
+    run_ok(&url, &["expand", &queue, "--factor", "2"]).await;
+    let temps: Vec<String> = (0..2).map(|i| format!("{queue}.drain.{i}")).collect();
+    let redis = PrivateRedis::start();
+    let mut args = vec![
+        "--url",
+        url.as_str(),
+        "forward",
+        queue.as_str(),
+        "--dedup",
+        redis.url.as_str(),
+        "--rate-limit",
+        "2000",
+        "--idle-timeout",
+        "3s",
+    ];
+    args.extend_from_slice(extra);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("forwarder starts");
+    eventually(Duration::from_secs(60), "1000 forwarded", || {
+        let temps = temps.clone();
+        async move {
+            let mut sum = 0;
+            for temp in &temps {
+                sum += queue_info(temp)
+                    .await
+                    .and_then(|q| q["messages"].as_u64())
+                    .unwrap_or(0);
+            }
+            if sum >= 1000 {
+                Ok(())
+            } else {
+                Err(format!("{sum} in the temporary queues"))
+            }
+        }
+    })
+    .await;
+    redis.kill();
+    let output = child.wait_with_output().await.expect("forward ends");
+    (output, queue, temps)
+}
+
+#[tokio::test]
+async fn redis_failing_mid_forward_stops_it_without_loss() {
+    let (output, queue, temps) = forward_while_redis_dies(&[]).await;
+    let message = stderr(&output);
+    assert!(!output.status.success(), "{message}");
+    assert!(message.contains("Redis (--dedup)"), "{message}");
+    assert!(message.contains("--dedup-optional"), "{message}");
+    // Everything is on the source or in a temporary queue (at least once).
+    let mut seen: HashSet<String> = drain_temps(&temps)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let connection = amqp_connection("test checker").await;
+    seen.extend(
+        consume_all(&connection, &queue, QUIET)
+            .await
+            .iter()
+            .map(message_id),
+    );
+    let _ = connection.close(200, "done".into()).await;
+    let missing = (0..6000)
+        .filter(|i| !seen.contains(&format!("r-{i}")))
+        .count();
+    assert_eq!(missing, 0, "no message lost when Redis failed");
+    delete_queues(&[vec![queue], temps].concat()).await;
+}
+
+#[tokio::test]
+async fn redis_failing_mid_forward_is_bypassed_when_optional() {
+    let (output, queue, temps) = forward_while_redis_dies(&["--dedup-optional"]).await;
+    let message = stderr(&output);
+    assert!(output.status.success(), "{message}");
+    assert!(
+        message.contains("duplicate suppression is OFF for the rest of this forward"),
+        "a warning event: {message}"
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("duplicate suppression was bypassed"),
+        "{text}"
+    );
+    let seen = drain_temps(&temps).await;
+    let ids: HashSet<String> = seen.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 6000, "everything forwarded");
+    delete_queues(&[vec![queue], temps].concat()).await;
+}
