@@ -615,9 +615,7 @@ async fn sigint_cancels_with_130_and_runs_on_failure() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The Kafka drain steps come with the kafka-drain branch; run with `--ignored` after the merge.
 #[tokio::test]
-#[ignore = "needs the Kafka drain steps from the kafka-drain branch"]
 async fn kafka_drain_playbook_forwards_the_groups_lag() {
     let topic = unique("pb-kafka");
     let group = format!("{topic}-group");

@@ -56,8 +56,42 @@ pub trait Source: Send {
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub reason: String,
-    /// False when retrying cannot help (the connection is gone).
-    pub retryable: bool,
+    pub kind: RefusalKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Worth publishing again after a backoff (a nack).
+    Retry,
+    /// Retrying cannot help (the connection is gone).
+    Fatal,
+    /// The client could not tell which publish this verdict belongs to: lapin hands a
+    /// `basic.return` to the first confirmation resolved after it, which under coalesced
+    /// (`multiple`) confirms may be another message's. No acknowledgement is safe any more.
+    Unattributable,
+}
+
+impl Refusal {
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            kind: RefusalKind::Retry,
+        }
+    }
+
+    pub fn fatal(reason: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            kind: RefusalKind::Fatal,
+        }
+    }
+
+    pub fn unattributable(reason: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            kind: RefusalKind::Unattributable,
+        }
+    }
 }
 
 /// Resolves when the target broker confirmed the message, or refused it.

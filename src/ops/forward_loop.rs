@@ -2,12 +2,13 @@
 //! window, acknowledgement only after confirmation (contiguously per lane), bounded retries,
 //! rate limiting and graceful stop.
 
-use crate::broker::{KeySource, Position, Refusal, Sink, Source};
+use crate::broker::{KeySource, Position, Refusal, RefusalKind, Sink, Source};
 use crate::error::{Error, Result};
+use crate::ops::drain::ForwardSpec;
 use crate::ops::partition::{key_hash_index, RoundRobin};
 use crate::progress::{Event, Progress};
 use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -18,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 /// How long one receive waits before the loop re-checks its stop conditions.
 const RECEIVE_POLL: Duration = Duration::from_millis(200);
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// After a stop signal, how long to wait for outstanding confirmations.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// A confirmation that has not arrived after this long is treated as lost.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -53,6 +59,25 @@ pub struct LoopSettings {
     pub retry_backoff: Duration,
     /// After a stop signal, how long to wait for outstanding confirmations.
     pub shutdown_grace: Duration,
+    pub confirm_timeout: Duration,
+}
+
+impl LoopSettings {
+    pub fn from_spec(spec: &ForwardSpec, key: KeySource) -> Self {
+        LoopSettings {
+            window: spec.confirm_window,
+            ack_batch: spec.ack_batch,
+            max_messages: spec.max_messages,
+            idle_timeout: spec.idle_timeout.unwrap_or(Duration::MAX),
+            rate_limit: spec.rate_limit,
+            strategy: spec.strategy,
+            key,
+            max_attempts: spec.max_attempts,
+            retry_backoff: RETRY_BACKOFF,
+            shutdown_grace: SHUTDOWN_GRACE,
+            confirm_timeout: CONFIRM_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -86,6 +111,21 @@ struct InFlight<M> {
 }
 
 type Pending = Pin<Box<dyn Future<Output = (u64, std::result::Result<(), Refusal>)> + Send>>;
+
+/// Tags a confirmation with its in-flight id and bounds how long it may take.
+fn pending(id: u64, confirmation: crate::broker::Confirmation, timeout: Duration) -> Pending {
+    Box::pin(async move {
+        let outcome = match tokio::time::timeout(timeout, confirmation).await {
+            Ok(outcome) => outcome,
+            // The publish may still have arrived: it stays unacknowledged and is redelivered.
+            Err(_) => Err(Refusal::unattributable(format!(
+                "no confirmation arrived within {}",
+                humantime::format_duration(timeout)
+            ))),
+        };
+        (id, outcome)
+    })
+}
 
 /// Per lane, the positions received and whether each is confirmed, oldest first; only the
 /// confirmed prefix may be acknowledged.
@@ -152,6 +192,8 @@ where
     let mut tracker = AckTracker::default();
     let mut in_flight: HashMap<u64, InFlight<S::Message>> = HashMap::new();
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    // Once set, nothing more is acknowledged: everything not yet acked returns to the source.
+    let mut acks_frozen = false;
     let mut next_id: u64 = 0;
     let mut received: u64 = 0;
     let mut forwarded: u64 = 0;
@@ -191,40 +233,60 @@ where
                     // Unconfirmed messages stay unacknowledged and return to the source.
                     break;
                 }
-                Some((id, outcome)) = pending.next(), if !pending.is_empty() => {
-                    let Some(mut entry) = in_flight.remove(&id) else { continue };
-                    match outcome {
-                        Ok(()) => {
-                            forwarded += 1;
-                            *per_target
-                                .entry(sink.target_name(entry.position.lane, entry.target))
-                                .or_default() += 1;
-                            tracker.confirmed(entry.position);
-                            let flush = in_flight.is_empty();
-                            for position in tracker.ready_to_ack(settings.ack_batch, flush) {
-                                source.acknowledge(position).await?;
-                                tracker.acked(position);
+                Some(first) = pending.next(), if !pending.is_empty() => {
+                    // Take every confirmation already resolved, refusals first: lapin resolves a
+                    // coalesced ack's tags in ascending order and hands a return to the first of
+                    // them, so a misattributed return is visible no later than the confirmation
+                    // of the message it belongs to, and must be seen before anything is acked.
+                    let mut batch = vec![first];
+                    while let Some(Some(next)) = pending.next().now_or_never() {
+                        batch.push(next);
+                    }
+                    batch.sort_by_key(|(_, outcome)| outcome.is_ok());
+                    if let Some((_, Err(refusal))) = batch.iter().find(|(_, outcome)| {
+                        matches!(outcome, Err(refusal) if refusal.kind == RefusalKind::Unattributable)
+                    }) {
+                        acks_frozen = true;
+                        failure.get_or_insert_with(|| Error::Broker(format!(
+                            "{}; mqdrain cannot tell which message that was, so it stopped acknowledging: every message not yet acknowledged goes back to the source. Recreate the temporary queues (mqdrain expand) and run forward again",
+                            refusal.reason
+                        )));
+                    }
+                    for (id, outcome) in batch {
+                        let Some(mut entry) = in_flight.remove(&id) else { continue };
+                        match outcome {
+                            Ok(()) => {
+                                forwarded += 1;
+                                *per_target
+                                    .entry(sink.target_name(entry.position.lane, entry.target))
+                                    .or_default() += 1;
+                                tracker.confirmed(entry.position);
                             }
-                        }
-                        Err(refusal) => {
-                            entry.attempts += 1;
-                            let target = sink.target_name(entry.position.lane, entry.target);
-                            if !refusal.retryable || entry.attempts >= settings.max_attempts {
-                                if failure.is_none() {
-                                    failure = Some(Error::Broker(format!(
+                            Err(refusal) => {
+                                entry.attempts += 1;
+                                let target = sink.target_name(entry.position.lane, entry.target);
+                                if refusal.kind != RefusalKind::Retry || entry.attempts >= settings.max_attempts {
+                                    failure.get_or_insert_with(|| Error::Broker(format!(
                                         "{target} refused a message {} time(s), last because {}; it stays on the source and nothing unconfirmed was acknowledged. Check that {target} exists and accepts messages (length limit, permissions), then run forward again",
                                         entry.attempts, refusal.reason
                                     )));
+                                    continue;
                                 }
-                                continue;
+                                retries += 1;
+                                tokio::time::sleep(settings.retry_backoff * entry.attempts).await;
+                                let confirmation = sink
+                                    .send(entry.position.lane, entry.target, &entry.message)
+                                    .await?;
+                                pending.push(self::pending(id, confirmation, settings.confirm_timeout));
+                                in_flight.insert(id, entry);
                             }
-                            retries += 1;
-                            tokio::time::sleep(settings.retry_backoff * entry.attempts).await;
-                            let confirmation = sink
-                                .send(entry.position.lane, entry.target, &entry.message)
-                                .await?;
-                            pending.push(Box::pin(async move { (id, confirmation.await) }));
-                            in_flight.insert(id, entry);
+                        }
+                    }
+                    if !acks_frozen {
+                        let flush = in_flight.is_empty();
+                        for position in tracker.ready_to_ack(settings.ack_batch, flush) {
+                            source.acknowledge(position).await?;
+                            tracker.acked(position);
                         }
                     }
                 }
@@ -250,7 +312,7 @@ where
                             let id = next_id;
                             next_id += 1;
                             in_flight.insert(id, InFlight { position, target, message, attempts: 0 });
-                            pending.push(Box::pin(async move { (id, confirmation.await) }));
+                            pending.push(self::pending(id, confirmation, settings.confirm_timeout));
                         }
                         None => {
                             if in_flight.is_empty() && last_message_at.elapsed() >= settings.idle_timeout {
@@ -269,9 +331,11 @@ where
                 }
             }
         }
-        for position in tracker.ready_to_ack(settings.ack_batch, true) {
-            source.acknowledge(position).await?;
-            tracker.acked(position);
+        if !acks_frozen {
+            for position in tracker.ready_to_ack(settings.ack_batch, true) {
+                source.acknowledge(position).await?;
+                tracker.acked(position);
+            }
         }
         Ok(())
     }

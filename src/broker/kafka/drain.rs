@@ -37,8 +37,6 @@ const OBSERVER_GROUP: &str = "mqdrain-observer";
 const POLL: Duration = Duration::from_millis(500);
 /// How long a created or deleted topic may take to show in the metadata.
 const TOPIC_SETTLE: Duration = Duration::from_secs(15);
-/// After SIGINT/SIGTERM the forwarder waits this long for outstanding deliveries.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Watch never samples faster than this, whatever `--interval` says.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Expand --force reads the committed offsets of at most this many groups to decide whether
@@ -894,21 +892,6 @@ fn validate_forward(spec: &ForwardSpec) -> Result<()> {
     Ok(())
 }
 
-fn loop_settings(spec: &ForwardSpec, key: KeySource) -> LoopSettings {
-    LoopSettings {
-        window: spec.confirm_window,
-        ack_batch: spec.ack_batch,
-        max_messages: spec.max_messages,
-        idle_timeout: spec.idle_timeout.unwrap_or(Duration::MAX),
-        rate_limit: spec.rate_limit,
-        strategy: spec.strategy,
-        key,
-        max_attempts: spec.max_attempts,
-        retry_backoff: Duration::from_millis(500),
-        shutdown_grace: SHUTDOWN_GRACE,
-    }
-}
-
 fn strategy_name(strategy: Strategy, key: &KeySource) -> String {
     match strategy {
         Strategy::RoundRobin => "round-robin within each block".to_string(),
@@ -1145,7 +1128,7 @@ pub async fn forward(
     let result = forward_loop::run(
         source_side,
         sink,
-        &loop_settings(spec, key),
+        &LoopSettings::from_spec(spec, key),
         progress,
         cancel,
     )

@@ -471,14 +471,14 @@ impl Sink for KafkaSink {
         Ok(Box::pin(async move {
             match delivery.await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err((error, _))) => Err(Refusal {
-                    reason: error.to_string(),
-                    retryable: retryable(&error),
+                Ok(Err((error, _))) => Err(if retryable(&error) {
+                    Refusal::retry(error.to_string())
+                } else {
+                    Refusal::fatal(error.to_string())
                 }),
-                Err(_) => Err(Refusal {
-                    reason: "the producer shut down before the broker confirmed".to_string(),
-                    retryable: false,
-                }),
+                Err(_) => Err(Refusal::fatal(
+                    "the producer shut down before the broker confirmed",
+                )),
             }
         }))
     }

@@ -27,8 +27,6 @@ const STATS_SETTLE: Duration = Duration::from_millis(5500);
 const POLL: Duration = Duration::from_secs(1);
 /// Connection-name prefix of a running forwarder, which restore must not find on the source.
 const FORWARD_CONNECTION: &str = "mqdrain forward ";
-/// After SIGINT/SIGTERM the forwarder waits this long for outstanding confirms.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub fn temp_prefix(name: &str, temp: Option<&str>) -> String {
     temp.map_or_else(|| format!("{name}.drain"), str::to_string)
@@ -133,23 +131,14 @@ pub async fn stop_consumers(
             exec_outcome = Some(outcome);
         }
     }
+    let mut closed: Vec<String> = Vec::new();
     if spec.close_connections {
-        let mut closed: Vec<&str> = Vec::new();
-        for consumer in &consumers {
-            if closed.contains(&consumer.id.as_str()) {
-                continue;
-            }
-            closed.push(&consumer.id);
-            if dry_run {
+        if dry_run {
+            for consumer in &consumers {
                 actions.push(format!("would close connection {consumer}"));
-            } else {
-                api.close_connection(
-                    &consumer.id,
-                    &format!("mqdrain stop-consumers: draining queue '{}'", spec.name),
-                )
-                .await?;
-                actions.push(format!("closed connection {consumer}"));
             }
+        } else {
+            close_new_connections(&api, &spec.name, &consumers, &mut closed, &mut actions).await?;
         }
     }
     if dry_run {
@@ -177,6 +166,10 @@ pub async fn stop_consumers(
     let mut zero_since: Option<Instant> = None;
     let remaining = loop {
         let foreign = foreign_consumers(&api, target, &spec.name).await?;
+        // Consumers that show up late in the statistics, or reconnect, are closed as they appear.
+        if spec.close_connections {
+            close_new_connections(&api, &spec.name, &foreign, &mut closed, &mut actions).await?;
+        }
         // queue.declare counts every consumer in real time; the management list lags but names them.
         let live = amqp::passive_declare(&connection, target, &spec.name)
             .await?
@@ -226,6 +219,29 @@ pub async fn stop_consumers(
         actions,
         remaining,
     })
+}
+
+/// Closes the connections of `consumers` not closed before; each close is recorded in `actions`.
+async fn close_new_connections(
+    api: &Management,
+    queue: &str,
+    consumers: &[ClientRef],
+    closed: &mut Vec<String>,
+    actions: &mut Vec<String>,
+) -> Result<()> {
+    for consumer in consumers {
+        if closed.contains(&consumer.id) {
+            continue;
+        }
+        api.close_connection(
+            &consumer.id,
+            &format!("mqdrain stop-consumers: draining queue '{queue}'"),
+        )
+        .await?;
+        closed.push(consumer.id.clone());
+        actions.push(format!("closed connection {consumer}"));
+    }
+    Ok(())
 }
 
 /// What a temporary queue is declared with, and what was left out.
@@ -482,21 +498,6 @@ pub fn validate_window(spec: &ForwardSpec) -> Result<()> {
     Ok(())
 }
 
-pub fn loop_settings(spec: &ForwardSpec, key: KeySource) -> LoopSettings {
-    LoopSettings {
-        window: spec.confirm_window,
-        ack_batch: spec.ack_batch,
-        max_messages: spec.max_messages,
-        idle_timeout: spec.idle_timeout.unwrap_or(Duration::MAX),
-        rate_limit: spec.rate_limit,
-        strategy: spec.strategy,
-        key,
-        max_attempts: spec.max_attempts,
-        retry_backoff: Duration::from_millis(500),
-        shutdown_grace: SHUTDOWN_GRACE,
-    }
-}
-
 pub async fn forward(
     target: &RabbitTarget,
     spec: &ForwardSpec,
@@ -587,7 +588,7 @@ pub async fn forward(
     let outcome = forward_loop::run(
         queue_source,
         sink,
-        &loop_settings(spec, key),
+        &LoopSettings::from_spec(spec, key),
         progress,
         cancel,
     )

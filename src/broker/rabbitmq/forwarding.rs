@@ -203,25 +203,19 @@ impl Sink for QueueSink {
         Ok(Box::pin(async move {
             match confirm.await {
                 Ok(lapin::Confirmation::Ack(None)) => Ok(()),
-                Ok(lapin::Confirmation::Ack(Some(returned))) => Err(Refusal {
-                    reason: format!(
-                        "the broker returned it as unroutable ({} {}): the queue does not exist",
-                        returned.reply_code, returned.reply_text
-                    ),
-                    retryable: true,
-                }),
-                Ok(lapin::Confirmation::Nack(_)) => Err(Refusal {
-                    reason: "the broker nacked it (queue full with reject-publish, or an internal error)".to_string(),
-                    retryable: true,
-                }),
-                Ok(lapin::Confirmation::NotRequested) => Err(Refusal {
-                    reason: "publisher confirms were not enabled".to_string(),
-                    retryable: false,
-                }),
-                Err(error) => Err(Refusal {
-                    reason: format!("the publishing channel failed: {error}"),
-                    retryable: false,
-                }),
+                Ok(lapin::Confirmation::Ack(Some(returned)) | lapin::Confirmation::Nack(Some(returned))) => {
+                    Err(Refusal::unattributable(format!(
+                        "the broker returned a message for queue '{}' as unroutable ({} {}): the queue does not exist any more",
+                        returned.routing_key, returned.reply_code, returned.reply_text
+                    )))
+                }
+                Ok(lapin::Confirmation::Nack(None)) => Err(Refusal::retry(
+                    "the broker nacked it (queue full with reject-publish, or an internal error)",
+                )),
+                Ok(lapin::Confirmation::NotRequested) => {
+                    Err(Refusal::fatal("publisher confirms were not enabled"))
+                }
+                Err(error) => Err(Refusal::fatal(format!("the publishing channel failed: {error}"))),
             }
         }))
     }
