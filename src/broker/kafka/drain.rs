@@ -1254,34 +1254,68 @@ pub async fn watch(
             ),
         );
     }
-    let interval = spec.interval.max(MIN_INTERVAL);
-    let watch_started = Instant::now();
-    let mut previous: Option<Reading> = None;
-    let mut samples = 0;
-    let mut drained_in_a_row = 0;
-    loop {
+    let sampler = TopicWatch {
+        target: target.clone(),
+        group: group.to_string(),
+        temp_group: temp_group.map(str::to_string),
+        topic: spec.name.clone(),
+        temp,
+        source_observer,
+        temp_observer,
+        source_partitions: source.partitions,
+        temp_partitions: temp_meta.partitions,
+        previous: None,
+    };
+    watch_with(
+        spec,
+        spec.interval.max(MIN_INTERVAL),
+        sampler,
+        progress,
+        cancel,
+        on_sample,
+    )
+    .await
+}
+
+/// Samples the original group's lag on the source and the temporary group's lag per temporary
+/// partition; rates come from the difference to the previous reading.
+struct TopicWatch {
+    target: KafkaTarget,
+    group: String,
+    temp_group: Option<String>,
+    topic: String,
+    temp: String,
+    source_observer: Arc<BaseConsumer>,
+    temp_observer: Arc<BaseConsumer>,
+    source_partitions: Vec<i32>,
+    temp_partitions: Vec<i32>,
+    previous: Option<Reading>,
+}
+
+impl WatchSampler for TopicWatch {
+    async fn sample(&mut self) -> Result<(Backlog, Vec<Backlog>)> {
+        let temp_group = self.temp_group.as_deref();
         let reading = Reading {
             source: read_offsets(
-                target,
-                &source_observer,
-                &spec.name,
-                &source.partitions,
+                &self.target,
+                &self.source_observer,
+                &self.topic,
+                &self.source_partitions,
                 true,
             )
             .await?,
             temp: read_offsets(
-                target,
-                &temp_observer,
-                &temp,
-                &temp_meta.partitions,
+                &self.target,
+                &self.temp_observer,
+                &self.temp,
+                &self.temp_partitions,
                 temp_group.is_some(),
             )
             .await?,
             at: Instant::now(),
         };
-        let secs = previous
-            .as_ref()
-            .map(|before| reading.at.duration_since(before.at).as_secs_f64());
+        let previous = self.previous.as_ref();
+        let secs = previous.map(|before| reading.at.duration_since(before.at).as_secs_f64());
         let sum = |offsets: &[PartitionOffsets]| -> (i64, Option<i64>) {
             (
                 offsets.iter().map(|p| p.high).sum(),
@@ -1289,10 +1323,10 @@ pub async fn watch(
             )
         };
         let source_backlog = backlog(
-            spec.name.clone(),
+            self.topic.clone(),
             Some(total_lag(&reading.source)),
             sum(&reading.source),
-            previous.as_ref().zip(secs).map(|(before, secs)| {
+            previous.zip(secs).map(|(before, secs)| {
                 let (high, consumed) = sum(&before.source);
                 (high, consumed, secs)
             }),
@@ -1302,7 +1336,7 @@ pub async fn watch(
             .iter()
             .map(|partition| {
                 let consumed = temp_group.map(|_| partition.consumed_up_to());
-                let before = previous.as_ref().zip(secs).and_then(|(before, secs)| {
+                let before = previous.zip(secs).and_then(|(before, secs)| {
                     before
                         .temp
                         .iter()
@@ -1311,7 +1345,7 @@ pub async fn watch(
                 });
                 backlog(
                     partition_name(
-                        &temp,
+                        &self.temp,
                         usize::try_from(partition.partition).unwrap_or_default(),
                     ),
                     temp_group.map(|_| partition.lag()),
@@ -1320,73 +1354,26 @@ pub async fn watch(
                 )
             })
             .collect();
-        let total = std::iter::once(&source_backlog)
-            .chain(temporary.iter())
-            .map(|backlog| backlog.depth)
-            .sum::<Option<u64>>();
-        let sample = WatchSample {
-            at_secs: watch_started.elapsed().as_secs_f64(),
-            source: source_backlog,
-            temporary,
-            total,
-        };
-        for backlog in std::iter::once(&sample.source).chain(sample.temporary.iter()) {
-            progress.emit(Event::Backlog {
-                name: backlog.name.clone(),
-                depth: backlog.depth,
-                in_rate: backlog.in_rate,
-                out_rate: backlog.out_rate,
-                eta_secs: backlog.eta_secs,
-            });
-        }
-        on_sample(&sample);
-        samples += 1;
-        drained_in_a_row = if total == Some(0) {
-            drained_in_a_row + 1
-        } else {
-            0
-        };
-        previous = Some(reading);
-        if spec.until_drained && drained_in_a_row >= 2 {
-            finished(progress, "watch");
-            return Ok(WatchOutcome {
-                name: spec.name.clone(),
-                drained: true,
-                samples,
-                last: Some(sample),
-            });
-        }
-        if let Some(timeout) = spec.timeout {
-            if watch_started.elapsed() >= timeout {
-                finished(progress, "watch");
-                return Err(Error::Timeout(format!(
-                    "after {}, group '{group}' still lags {} on '{}' and {} on '{temp}'; raise --timeout, or add consumers to the temporary group",
-                    duration_text(timeout),
-                    sample.source.depth.unwrap_or_default(),
-                    spec.name,
-                    temp_group.map_or_else(
-                        || "an unknown backlog (no --temp-group)".to_string(),
-                        |g| format!(
-                            "group '{g}' lags {}",
-                            sample.temporary.iter().filter_map(|b| b.depth).sum::<u64>()
-                        )
-                    ),
-                )));
-            }
-        }
-        let next = spec
-            .timeout
-            .map_or(interval, |timeout| {
-                interval.min(timeout.saturating_sub(watch_started.elapsed()))
-            })
-            .max(Duration::from_millis(10));
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                finished(progress, "watch");
-                return Err(Error::Cancelled);
-            }
-            _ = tokio::time::sleep(next) => {}
-        }
+        self.previous = Some(reading);
+        Ok((source_backlog, temporary))
+    }
+
+    fn timeout_message(&self, last: &WatchSample, timeout: Duration) -> String {
+        format!(
+            "after {}, group '{}' still lags {} on '{}' and {} on '{}'; raise --timeout, or add consumers to the temporary group",
+            duration_text(timeout),
+            self.group,
+            last.source.depth.unwrap_or_default(),
+            self.topic,
+            self.temp_group.as_deref().map_or_else(
+                || "an unknown backlog (no --temp-group)".to_string(),
+                |g| format!(
+                    "group '{g}' lags {}",
+                    last.temporary.iter().filter_map(|b| b.depth).sum::<u64>()
+                )
+            ),
+            self.temp
+        )
     }
 }
 

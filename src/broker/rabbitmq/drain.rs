@@ -654,6 +654,39 @@ fn backlog_event(detail: &QueueDetail) -> Event {
     }
 }
 
+/// Samples the source queue and the temporary queues found by name (re-listed every sample, so
+/// queues created or removed meanwhile show up).
+struct QueueWatch {
+    api: Management,
+    target: RabbitTarget,
+    queue: String,
+    prefix: String,
+}
+
+impl WatchSampler for QueueWatch {
+    async fn sample(&mut self) -> Result<(Backlog, Vec<Backlog>)> {
+        let temp = find_temp_queues(&self.api, &self.target, &self.prefix).await?;
+        let source = backlog_of(&queue_detail(&self.api, &self.target, &self.queue).await?);
+        let mut temporary = Vec::new();
+        for (_, name) in &temp {
+            if let Some(detail) = self.api.queue(&self.target.vhost, name).await? {
+                temporary.push(backlog_of(&detail));
+            }
+        }
+        Ok((source, temporary))
+    }
+
+    fn timeout_message(&self, last: &WatchSample, timeout: Duration) -> String {
+        format!(
+            "queue '{}' and its temporary queues still hold {} messages after {}; raise --timeout or add consumers",
+            self.queue,
+            last.total
+                .map_or_else(|| "an unknown number of".to_string(), |total| total.to_string()),
+            humantime::format_duration(timeout)
+        )
+    }
+}
+
 pub async fn watch(
     target: &RabbitTarget,
     spec: &WatchSpec,
@@ -671,77 +704,13 @@ pub async fn watch(
             spec.name
         ),
     });
-    let started = Instant::now();
-    let mut samples = 0;
-    let mut empty_in_a_row = 0;
-    loop {
-        let temp = find_temp_queues(&api, target, &prefix).await?;
-        let source = backlog_of(&queue_detail(&api, target, &spec.name).await?);
-        let mut temporary = Vec::new();
-        for (_, name) in &temp {
-            if let Some(detail) = api.queue(&target.vhost, name).await? {
-                temporary.push(backlog_of(&detail));
-            }
-        }
-        let total = std::iter::once(&source)
-            .chain(temporary.iter())
-            .map(|backlog| backlog.depth)
-            .sum::<Option<u64>>();
-        let sample = WatchSample {
-            at_secs: started.elapsed().as_secs_f64(),
-            source,
-            temporary,
-            total,
-        };
-        for backlog in std::iter::once(&sample.source).chain(sample.temporary.iter()) {
-            progress.emit(Event::Backlog {
-                name: backlog.name.clone(),
-                depth: backlog.depth,
-                in_rate: backlog.in_rate,
-                out_rate: backlog.out_rate,
-                eta_secs: backlog.eta_secs,
-            });
-        }
-        on_sample(&sample);
-        samples += 1;
-        empty_in_a_row = if total == Some(0) {
-            empty_in_a_row + 1
-        } else {
-            0
-        };
-        let last = Some(sample);
-        if spec.until_drained && empty_in_a_row >= 2 {
-            progress.emit(Event::StepFinished {
-                step: "watch".into(),
-            });
-            return Ok(WatchOutcome {
-                name: spec.name.clone(),
-                drained: true,
-                samples,
-                last,
-            });
-        }
-        if let Some(timeout) = spec.timeout {
-            if started.elapsed() >= timeout {
-                progress.emit(Event::StepFinished {
-                    step: "watch".into(),
-                });
-                return Err(Error::Timeout(format!(
-                    "queue '{}' and its temporary queues still hold {} messages after {}; raise --timeout or add consumers",
-                    spec.name,
-                    last.as_ref().and_then(|s| s.total).map_or_else(|| "an unknown number of".to_string(), |t| t.to_string()),
-                    humantime::format_duration(timeout)
-                )));
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                progress.emit(Event::StepFinished { step: "watch".into() });
-                return Err(Error::Cancelled);
-            }
-            _ = tokio::time::sleep(spec.interval) => {}
-        }
-    }
+    let sampler = QueueWatch {
+        api,
+        target: target.clone(),
+        queue: spec.name.clone(),
+        prefix,
+    };
+    watch_with(spec, spec.interval, sampler, progress, cancel, on_sample).await
 }
 
 /// Why a temporary queue may not be deleted yet, or `None` when it is empty and unused.
