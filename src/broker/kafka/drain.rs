@@ -15,6 +15,7 @@ use super::forwarding::{
     FORWARDER_SESSION_TIMEOUT,
 };
 use super::inspect::{describe_group, unknown_group};
+use super::offsets::{read_offsets, PartitionOffsets};
 use crate::broker::KeySource;
 use crate::endpoint::KafkaTarget;
 use crate::error::{Error, Result};
@@ -189,28 +190,6 @@ async fn await_topic(
     }
 }
 
-/// Offsets of one partition, and of a group on it.
-#[derive(Debug, Clone)]
-struct PartitionOffsets {
-    partition: i32,
-    low: i64,
-    high: i64,
-    /// The group's committed offset; `None` when it never committed (or no group was asked).
-    committed: Option<i64>,
-}
-
-impl PartitionOffsets {
-    /// Where the group's next consumer starts: its committed offset, or the oldest message
-    /// (the forwarder's `auto.offset.reset`; also a temporary group that never committed).
-    fn consumed_up_to(&self) -> i64 {
-        self.committed.unwrap_or(self.low).max(self.low)
-    }
-
-    fn lag(&self) -> u64 {
-        u64::try_from(self.high - self.consumed_up_to()).unwrap_or(0)
-    }
-}
-
 fn total_lag(offsets: &[PartitionOffsets]) -> u64 {
     offsets.iter().map(PartitionOffsets::lag).sum()
 }
@@ -220,69 +199,6 @@ fn committed_map(offsets: &[PartitionOffsets]) -> BTreeMap<i32, i64> {
         .iter()
         .filter_map(|p| p.committed.map(|offset| (p.partition, offset)))
         .collect()
-}
-
-/// Watermarks of every partition and, with `with_group`, the committed offsets of the
-/// observer's group.
-async fn read_offsets(
-    target: &KafkaTarget,
-    observer: &Arc<BaseConsumer>,
-    topic: &str,
-    partitions: &[i32],
-    with_group: bool,
-) -> Result<Vec<PartitionOffsets>> {
-    let consumer = Arc::clone(observer);
-    let topic = topic.to_string();
-    let partitions = partitions.to_vec();
-    let target = target.clone();
-    blocking(move || {
-        let committed = if with_group {
-            let mut list = TopicPartitionList::new();
-            for &partition in &partitions {
-                list.add_partition(&topic, partition);
-            }
-            Some(
-                consumer
-                    .committed_offsets(list, REQUEST_TIMEOUT)
-                    .map_err(|error| {
-                        request_error(
-                            &target,
-                            &format!("reading committed offsets on topic '{topic}'"),
-                            &error,
-                        )
-                    })?,
-            )
-        } else {
-            None
-        };
-        let mut offsets = Vec::with_capacity(partitions.len());
-        for &partition in &partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
-                .map_err(|error| {
-                    request_error(
-                        &target,
-                        &format!("reading the watermarks of '{topic}' partition {partition}"),
-                        &error,
-                    )
-                })?;
-            let committed = committed
-                .as_ref()
-                .and_then(|list| list.find_partition(&topic, partition))
-                .and_then(|element| match element.offset() {
-                    Offset::Offset(offset) if offset >= 0 => Some(offset),
-                    _ => None,
-                });
-            offsets.push(PartitionOffsets {
-                partition,
-                low,
-                high,
-                committed,
-            });
-        }
-        Ok(offsets)
-    })
-    .await
 }
 
 /// The group's members as `ClientRef`s (Nisshi reports member ids only: empty client id and

@@ -4,3 +4,4 @@ pub mod client;
 pub mod drain;
 pub mod forwarding;
 pub mod inspect;
+pub mod offsets;
