@@ -308,18 +308,14 @@ pub async fn stop_consumers(
         });
     }
 
-    let exec = match &spec.exec {
-        Some(command) => {
-            notice(progress, Level::Info, format!("running `{command}`"));
-            let outcome = exec::run(command, spec.exec_timeout, &[], 0).await?;
-            actions.push(format!(
-                "ran `{command}`: exit code 0 in {:.1}s",
-                outcome.duration_secs
-            ));
-            Some(outcome)
-        }
-        None => None,
-    };
+    let exec = exec::operator_command(
+        spec.exec.as_deref(),
+        spec.exec_timeout,
+        false,
+        progress,
+        &mut actions,
+    )
+    .await?;
 
     // Empty twice in a row, so a consumer that is just rejoining is not missed.
     let waited = Instant::now();
@@ -1455,18 +1451,14 @@ pub async fn restore(
         )));
     }
 
-    let exec = match &spec.exec {
-        Some(command) => {
-            notice(progress, Level::Info, format!("running `{command}`"));
-            let outcome = exec::run(command, spec.exec_timeout, &[], 0).await?;
-            actions.push(format!(
-                "ran `{command}`: exit code 0 in {:.1}s",
-                outcome.duration_secs
-            ));
-            Some(outcome)
-        }
-        None => None,
-    };
+    let exec = exec::operator_command(
+        spec.exec.as_deref(),
+        spec.exec_timeout,
+        false,
+        progress,
+        &mut actions,
+    )
+    .await?;
 
     // Wait for the temporary group (bounded by --wait), then read once more right before
     // deleting, so nothing that arrived meanwhile is deleted unconsumed.

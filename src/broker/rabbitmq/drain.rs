@@ -111,26 +111,14 @@ pub async fn stop_consumers(
     let api = management(target)?;
     let mut actions = Vec::new();
     let consumers = foreign_consumers(&api, target, &spec.name).await?;
-    let mut exec_outcome = None;
-    if let Some(command) = &spec.exec {
-        if dry_run {
-            actions.push(format!(
-                "would run `{command}` (timeout {})",
-                humantime::format_duration(spec.exec_timeout)
-            ));
-        } else {
-            progress.emit(Event::Notice {
-                level: Level::Info,
-                message: format!("running `{command}`"),
-            });
-            let outcome = exec::run(command, spec.exec_timeout, &[], 0).await?;
-            actions.push(format!(
-                "ran `{command}`: exit code 0 in {:.1}s",
-                outcome.duration_secs
-            ));
-            exec_outcome = Some(outcome);
-        }
-    }
+    let exec_outcome = exec::operator_command(
+        spec.exec.as_deref(),
+        spec.exec_timeout,
+        dry_run,
+        progress,
+        &mut actions,
+    )
+    .await?;
     let mut closed: Vec<String> = Vec::new();
     if spec.close_connections {
         if dry_run {
@@ -788,21 +776,14 @@ pub async fn restore(
             forwarders.join(", ")
         )));
     }
-    let mut exec_outcome = None;
-    if let Some(command) = &spec.exec {
-        if dry_run {
-            actions.push(format!(
-                "would run `{command}` to restart the original consumers"
-            ));
-        } else {
-            let outcome = exec::run(command, spec.exec_timeout, &[], 0).await?;
-            actions.push(format!(
-                "ran `{command}`: exit code 0 in {:.1}s",
-                outcome.duration_secs
-            ));
-            exec_outcome = Some(outcome);
-        }
-    }
+    let exec_outcome = exec::operator_command(
+        spec.exec.as_deref(),
+        spec.exec_timeout,
+        dry_run,
+        progress,
+        &mut actions,
+    )
+    .await?;
     let connection = amqp::connect(target, &format!("restore {}", spec.name)).await?;
     let deadline = spec.wait.map(|wait| Instant::now() + wait);
     let mut clean_since: Option<Instant> = None;
