@@ -376,6 +376,9 @@ mod tests {
             None,
         )
         .unwrap();
+        let shown = kafka.redacted();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("-X sasl.password=***"), "{shown}");
         let Target::Kafka(kafka) = kafka else {
             panic!("expected Kafka")
         };
