@@ -520,7 +520,6 @@ async fn restore_exec_runs_the_restart_command_and_a_second_restore_has_nothing_
 }
 
 #[tokio::test]
-#[ignore = "src/ui/drain.rs restore() drops the --exec command's output in human mode (stop-consumers shows it)"]
 async fn restore_exec_shows_the_commands_output() {
     let queue = unique("restore-exec-out");
     expanded_empty(&queue, 1).await;

@@ -1370,11 +1370,20 @@ pub async fn restore(
                 }
             }
         }
+        // The original consumers still need their restart, e.g. on a rerun after a crash.
+        let exec = exec::operator_command(
+            spec.exec.as_deref(),
+            spec.exec_timeout,
+            dry_run,
+            progress,
+            &mut actions,
+        )
+        .await?;
         finished(progress, "restore");
         return Ok(RestoreOutcome {
             name: spec.name.clone(),
             dry_run,
-            exec: None,
+            exec,
             deleted,
             actions,
         });

@@ -756,10 +756,19 @@ pub async fn restore(
         actions.push(format!(
             "nothing to restore: no temporary queues '{prefix}.<i>' exist"
         ));
+        // The original consumers still need their restart, e.g. on a rerun after a crash.
+        let exec = exec::operator_command(
+            spec.exec.as_deref(),
+            spec.exec_timeout,
+            dry_run,
+            progress,
+            &mut actions,
+        )
+        .await?;
         return Ok(RestoreOutcome {
             name: spec.name.clone(),
             dry_run,
-            exec: None,
+            exec,
             deleted: Vec::new(),
             actions,
         });
