@@ -20,8 +20,18 @@ async fn every_subcommand_has_help() {
         .filter_map(|line| line.split_whitespace().next())
         .filter(|name| *name != "help")
         .collect();
-    for expected in ["inspect", "stop-consumers", "expand", "forward", "watch", "restore"] {
-        assert!(subcommands.contains(&expected), "{expected} missing from {subcommands:?}");
+    for expected in [
+        "inspect",
+        "stop-consumers",
+        "expand",
+        "forward",
+        "watch",
+        "restore",
+    ] {
+        assert!(
+            subcommands.contains(&expected),
+            "{expected} missing from {subcommands:?}"
+        );
     }
     for subcommand in subcommands {
         let output = mqdrain(&[subcommand, "--help"]).await;
