@@ -407,7 +407,7 @@ fn block_partition(lane: u32, index: usize, fanout: usize, partitions: usize) ->
         .flatten()
 }
 
-fn retryable(error: &KafkaError) -> bool {
+pub(crate) fn retryable(error: &KafkaError) -> bool {
     !matches!(
         error.rdkafka_error_code(),
         Some(

@@ -258,36 +258,43 @@ impl Sink for QueueSink {
             )
             .await
             .map_err(|error| channel_error(&self.target, queue, &error))?;
-        Ok(Box::pin(async move {
-            match confirm.await {
-                Ok(lapin::Confirmation::Ack(None)) => Ok(()),
-                Ok(lapin::Confirmation::Ack(Some(returned))) => Err(Refusal {
-                    reason: format!(
-                        "the broker returned it as unroutable ({} {}): the queue does not exist",
-                        returned.reply_code, returned.reply_text
-                    ),
-                    retryable: true,
-                }),
-                Ok(lapin::Confirmation::Nack(_)) => Err(Refusal {
-                    reason: "the broker nacked it (queue full with reject-publish, or an internal error)".to_string(),
-                    retryable: true,
-                }),
-                Ok(lapin::Confirmation::NotRequested) => Err(Refusal {
-                    reason: "publisher confirms were not enabled".to_string(),
-                    retryable: false,
-                }),
-                Err(error) => Err(Refusal {
-                    reason: format!("the publishing channel failed: {error}"),
-                    retryable: false,
-                }),
-            }
-        }))
+        Ok(confirmation(confirm))
     }
 
     async fn close(self) -> Result<()> {
         let _ = self.channel.close(200, "mqdrain forward done".into()).await;
         Ok(())
     }
+}
+
+/// What the loop awaits for one publish: the broker's confirm, a return or nack as a refusal.
+pub fn confirmation(confirm: lapin::PublisherConfirm) -> Confirmation {
+    Box::pin(async move {
+        match confirm.await {
+            Ok(lapin::Confirmation::Ack(None)) => Ok(()),
+            Ok(lapin::Confirmation::Ack(Some(returned))) => Err(Refusal {
+                reason: format!(
+                    "the broker returned it as unroutable ({} {}): the queue does not exist",
+                    returned.reply_code, returned.reply_text
+                ),
+                retryable: true,
+            }),
+            Ok(lapin::Confirmation::Nack(_)) => Err(Refusal {
+                reason:
+                    "the broker nacked it (queue full with reject-publish, or an internal error)"
+                        .to_string(),
+                retryable: true,
+            }),
+            Ok(lapin::Confirmation::NotRequested) => Err(Refusal {
+                reason: "publisher confirms were not enabled".to_string(),
+                retryable: false,
+            }),
+            Err(error) => Err(Refusal {
+                reason: format!("the publishing channel failed: {error}"),
+                retryable: false,
+            }),
+        }
+    })
 }
 
 #[cfg(test)]
