@@ -797,6 +797,73 @@ async fn refusals_name_the_object_and_the_next_step() {
     fixture.cleanup().await;
 }
 
+#[tokio::test]
+async fn the_shipped_playbook_replays_with_a_dlq_replay_step() {
+    let mut fixture = Fixture::new("dlq-playbook").await;
+    let target = fixture.queue("target").await;
+    let parked = fixture.queue("parked").await;
+    let playbook = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("playbooks")
+        .join("rabbitmq-dlq-replay.yaml");
+    let state = std::env::temp_dir().join(format!("{}.state.json", fixture.dlq));
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
+        .args([
+            "playbook",
+            "run",
+            &playbook.display().to_string(),
+            "--yes",
+            "--output",
+            "json",
+            "--state",
+            &state.display().to_string(),
+            "--var",
+            &format!("dlq={}", fixture.dlq),
+            "--var",
+            &format!("to={target}"),
+            "--var",
+            &format!("parking_lot={parked}"),
+            "--var",
+            "reason=expired",
+        ])
+        .env("MQDRAIN_URL", amqp_url())
+        .env("MQDRAIN_MANAGEMENT_URL", management_url())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("the mqdrain binary runs");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let outcome = stdout_json(&output);
+    let steps = outcome["steps"].as_array().expect("steps");
+    assert!(
+        steps.iter().all(|step| step["outcome"] == "ok"),
+        "{outcome:#}"
+    );
+    let replay = &steps[2];
+    assert_eq!(replay["operation"], "dlq-replay");
+    assert_eq!(replay["result"]["replayed"], EXPIRED, "{replay:#}");
+    assert_eq!(replay["result"]["skipped_by_filter"], REJECTED + MAXLEN);
+    assert_eq!(ready(&fixture.connection, &target).await, EXPIRED);
+    wait_ready(&fixture.connection, &fixture.dlq, REJECTED + MAXLEN).await;
+    let _ = std::fs::remove_file(state);
+
+    // `playbook check` catches a replay into the DLQ itself, at the step's line.
+    let bad = std::env::temp_dir().join(format!("{}.yaml", fixture.dlq));
+    std::fs::write(
+        &bad,
+        "name: bad\nsteps:\n  - dlq-replay:\n      name: d\n      to: d\n",
+    )
+    .unwrap();
+    let output = mqdrain(&["playbook", "check", &bad.display().to_string()]).await;
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(
+        text.contains(":3:") && text.contains("the dead-letter queue itself"),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(bad);
+    fixture.cleanup().await;
+}
+
 mod kafka_dlq {
     //! A Kafka dead-letter topic written by the test's own producer, with a reason header.
 
