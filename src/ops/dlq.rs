@@ -529,6 +529,27 @@ pub fn validate_replay(spec: &DlqReplaySpec) -> Result<ReplayRules> {
     ReplayRules::from_spec(spec)
 }
 
+/// The replay's rules in one sentence, for the actions list (`to` and `parking` are display
+/// names such as "queue 'orders'").
+pub fn describe_rules(spec: &DlqReplaySpec, to: &str, parking: Option<&str>) -> String {
+    let rest = match parking {
+        Some(parking) => format!("park the rest in {parking}"),
+        None => "leave the rest in the DLQ (no --parking-lot)".to_string(),
+    };
+    let filter = if spec.filter.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; only messages matching --filter {} move, the others stay in the DLQ",
+            spec.filter.join(" --filter ")
+        )
+    };
+    format!(
+        "replay to {to} what has x-mqdrain-replays below {} (the retry budget; incremented on the way), {rest}{filter}",
+        spec.max_retries
+    )
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

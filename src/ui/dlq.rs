@@ -103,7 +103,7 @@ pub fn replay(outcome: &DlqReplayOutcome) -> String {
     };
     let _ = writeln!(
         out,
-        "  {} {:>8}  to '{}'",
+        "  {:<13}{:>8}  to '{}'",
         verb("replayed", "would replay"),
         outcome.replayed,
         outcome.to
@@ -111,7 +111,7 @@ pub fn replay(outcome: &DlqReplayOutcome) -> String {
     if let Some(parking) = &outcome.parking_lot {
         let _ = writeln!(
             out,
-            "  {} {:>8}  to '{parking}' (at the budget)",
+            "  {:<13}{:>8}  to '{parking}' (at the budget)",
             verb("parked", "would park"),
             outcome.parked
         );
@@ -119,14 +119,14 @@ pub fn replay(outcome: &DlqReplayOutcome) -> String {
     if outcome.kept_at_budget > 0 || outcome.parking_lot.is_none() {
         let _ = writeln!(
             out,
-            "  {} {:>8}  at the budget (no --parking-lot)",
+            "  {:<13}{:>8}  at the budget (no --parking-lot)",
             verb("left", "would leave"),
             outcome.kept_at_budget
         );
     }
     let _ = writeln!(
         out,
-        "  {} {:>8}  not matching --filter",
+        "  {:<13}{:>8}  not matching --filter",
         verb("skipped", "would skip"),
         outcome.skipped_by_filter
     );
@@ -139,7 +139,8 @@ pub fn replay(outcome: &DlqReplayOutcome) -> String {
             result.retries,
             match result.stopped_by {
                 crate::ops::forward_loop::StopReason::MaxMessages => "--max-messages",
-                crate::ops::forward_loop::StopReason::Idle => "--idle-timeout (DLQ empty)",
+                crate::ops::forward_loop::StopReason::Idle =>
+                    "--idle-timeout (nothing new in the DLQ)",
                 crate::ops::forward_loop::StopReason::Signal => "a stop signal",
             }
         );

@@ -12,9 +12,9 @@ use crate::broker::{Confirmation, KeySource, Refusal, Route, Sink};
 use crate::endpoint::KafkaTarget;
 use crate::error::{Error, Result};
 use crate::ops::dlq::{
-    now_ms, parse_replays, DeadLetter, Destination, DlqInspectReport, DlqInspectSpec,
-    DlqReplayOutcome, DlqReplaySpec, FilterField, ReplayRules, SkipCounts, PARKED_FROM_HEADER,
-    REPLAYS_HEADER, REPLAY_ACK_BATCH,
+    describe_rules, now_ms, parse_replays, DeadLetter, Destination, DlqInspectReport,
+    DlqInspectSpec, DlqReplayOutcome, DlqReplaySpec, FilterField, ReplayRules, SkipCounts,
+    PARKED_FROM_HEADER, REPLAYS_HEADER, REPLAY_ACK_BATCH,
 };
 use crate::ops::forward_loop::{self, LoopSettings, Strategy};
 use crate::ops::inspect::Warning;
@@ -507,10 +507,7 @@ async fn replay_with(
     let mut outcome = DlqReplayOutcome::new(spec, dry_run);
     let to = topic_label(&spec.to);
     let parking = spec.parking_lot.as_deref().map(topic_label);
-    let budget = format!(
-        "x-mqdrain-replays below {} (the retry budget)",
-        spec.max_retries
-    );
+    let rules_line = describe_rules(spec, &to, parking.as_deref());
 
     if dry_run {
         let peeked = peek(
@@ -525,30 +522,10 @@ async fn replay_with(
             outcome.plan(rules.destination(letter));
         }
         outcome.actions.push(format!(
-            "read {} of the {} records of topic '{}' after group '{group}''s committed offsets ({PEEK_METHOD}); nothing was moved",
+            "read {} of the {} records of topic '{}' after group '{group}''s committed offsets, committing nothing; nothing was moved",
             outcome.examined, peeked.depth, spec.name
         ));
-        outcome.actions.push(format!(
-            "would replay {} to {to} (those with {budget}), x-mqdrain-replays incremented",
-            outcome.replayed
-        ));
-        match &parking {
-            Some(parking) => outcome.actions.push(format!(
-                "would park {} at the budget in {parking}",
-                outcome.parked
-            )),
-            None => outcome.actions.push(format!(
-                "would skip {} at the budget (no --parking-lot)",
-                outcome.kept_at_budget
-            )),
-        }
-        if !spec.filter.is_empty() {
-            outcome.actions.push(format!(
-                "would skip {} not matching --filter {}",
-                outcome.skipped_by_filter,
-                spec.filter.join(" --filter ")
-            ));
-        }
+        outcome.actions.push(format!("would {rules_line}"));
         if outcome.examined < peeked.depth {
             outcome.warnings.push(Warning {
                 code: "partial",
@@ -569,13 +546,10 @@ async fn replay_with(
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     };
     outcome.actions.push(format!(
-        "consumed topic '{}' as group '{group}' from its committed offsets, produced (idempotent, acks=all) to {to} (those with {budget}){}, committing only delivered records",
-        spec.name,
-        parking
-            .as_ref()
-            .map(|parking| format!(" and {parking} (the rest)"))
-            .unwrap_or_default()
+        "consumed topic '{}' as group '{group}' from its committed offsets, produced with an idempotent producer (acks=all) and committed only delivered records",
+        spec.name
     ));
+    outcome.actions.push(rules_line);
     let result = forward_loop::run(source, sink, &loop_settings(spec), progress, cancel).await?;
     outcome.replayed = result.per_target.get(&to).copied().unwrap_or(0);
     outcome.parked = parking

@@ -9,9 +9,9 @@ use crate::broker::{Confirmation, KeySource, Route, Sink};
 use crate::endpoint::RabbitTarget;
 use crate::error::{Error, Result};
 use crate::ops::dlq::{
-    now_ms, parse_replays, DeadLetter, Destination, DlqInspectReport, DlqInspectSpec,
-    DlqReplayOutcome, DlqReplaySpec, ReplayRules, SkipCounts, MAX_RABBIT_PEEK, PARKED_FROM_HEADER,
-    REPLAYS_HEADER, REPLAY_ACK_BATCH,
+    describe_rules, now_ms, parse_replays, DeadLetter, Destination, DlqInspectReport,
+    DlqInspectSpec, DlqReplayOutcome, DlqReplaySpec, ReplayRules, SkipCounts, MAX_RABBIT_PEEK,
+    PARKED_FROM_HEADER, REPLAYS_HEADER, REPLAY_ACK_BATCH,
 };
 use crate::ops::forward_loop::{self, LoopSettings, Strategy};
 use crate::ops::inspect::Warning;
@@ -484,10 +484,7 @@ async fn replay_on(
         .extend(consumer_warning(&spec.name, dlq.consumers));
     let to = queue_label(&spec.to);
     let parking = spec.parking_lot.as_deref().map(queue_label);
-    let budget = format!(
-        "x-mqdrain-replays below {} (the retry budget)",
-        spec.max_retries
-    );
+    let rules_line = describe_rules(spec, &to, parking.as_deref());
 
     if dry_run {
         let peeked = peek(connection, target, &spec.name, peek_limit).await?;
@@ -495,30 +492,10 @@ async fn replay_on(
             outcome.plan(rules.destination(letter));
         }
         outcome.actions.push(format!(
-            "read {} of the {} messages in queue '{}' without consuming them ({PEEK_METHOD}); nothing was moved",
+            "read {} of the {} messages in queue '{}' without consuming them (never acknowledged, requeued when the channel closed); nothing was moved",
             outcome.examined, peeked.ready, spec.name
         ));
-        outcome.actions.push(format!(
-            "would replay {} to {to} (those with {budget}), x-mqdrain-replays incremented",
-            outcome.replayed
-        ));
-        match &parking {
-            Some(parking) => outcome.actions.push(format!(
-                "would park {} at the budget in {parking}",
-                outcome.parked
-            )),
-            None => outcome.actions.push(format!(
-                "would leave {} at the budget in the DLQ (no --parking-lot)",
-                outcome.kept_at_budget
-            )),
-        }
-        if !spec.filter.is_empty() {
-            outcome.actions.push(format!(
-                "would leave {} not matching --filter {} in the DLQ",
-                outcome.skipped_by_filter,
-                spec.filter.join(" --filter ")
-            ));
-        }
+        outcome.actions.push(format!("would {rules_line}"));
         if outcome.examined < peeked.ready {
             outcome.warnings.push(Warning {
                 code: "partial",
@@ -542,15 +519,10 @@ async fn replay_on(
     let skips = Arc::new(SkipCounts::default());
     let sink = ReplaySink::open(connection, target, spec, rules, skips.clone()).await?;
     outcome.actions.push(format!(
-        "consumed queue '{}' ({} ready) with prefetch {}, published with confirms to {to} (those with {budget}){}, acking each message only after its confirm",
-        spec.name,
-        dlq.ready,
-        spec.prefetch,
-        parking
-            .as_ref()
-            .map(|parking| format!(" and {parking} (the rest)"))
-            .unwrap_or_default()
+        "consumed queue '{}' ({} ready) with prefetch {}, published with confirms and acked each message only after its confirm",
+        spec.name, dlq.ready, spec.prefetch
     ));
+    outcome.actions.push(rules_line);
     let result = forward_loop::run(source, sink, &loop_settings(spec), progress, cancel).await?;
     outcome.replayed = result.per_target.get(&to).copied().unwrap_or(0);
     outcome.parked = parking
