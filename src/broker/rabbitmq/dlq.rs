@@ -232,6 +232,16 @@ fn consumer_warning(queue: &str, consumers: u64) -> Option<Warning> {
     })
 }
 
+/// AMQP carries queue names as short strings; checked before lapin would refuse (panic on) one.
+fn check_name(name: &str, what: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(Error::usage(format!(
+            "{what} '{name}' is not a queue name: give 1 to {MAX_NAME} bytes"
+        )));
+    }
+    Ok(())
+}
+
 fn check_peek_limit(max: u64) -> Result<()> {
     if max > MAX_RABBIT_PEEK {
         return Err(Error::usage(format!(
@@ -247,6 +257,7 @@ pub async fn inspect(
     progress: &Progress,
 ) -> Result<DlqInspectReport> {
     check_peek_limit(spec.max_messages)?;
+    check_name(&spec.name, "the dead-letter queue")?;
     progress.emit(Event::StepStarted {
         step: "dlq-inspect".into(),
         detail: format!("queue '{}' in vhost '{}'", spec.name, target.vhost),
@@ -399,11 +410,7 @@ async fn require_queue(
     name: &str,
     option: &str,
 ) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_NAME {
-        return Err(Error::usage(format!(
-            "{option} '{name}' is not a queue name: give 1 to {MAX_NAME} bytes"
-        )));
-    }
+    check_name(name, option)?;
     match amqp::passive_declare(connection, target, name).await {
         Err(Error::NotFound { kind, name, scope, .. }) => Err(Error::NotFound {
             kind,
@@ -431,6 +438,7 @@ pub async fn replay(
             spec.confirm_window, spec.prefetch
         )));
     }
+    check_name(&spec.name, "the dead-letter queue")?;
     let peek_limit = spec.max_messages.unwrap_or(DRY_RUN_PEEK);
     if dry_run {
         check_peek_limit(peek_limit)?;
