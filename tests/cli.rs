@@ -27,6 +27,7 @@ async fn every_subcommand_has_help() {
         "forward",
         "watch",
         "restore",
+        "dlq",
     ] {
         assert!(
             subcommands.contains(&expected),

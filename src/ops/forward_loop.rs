@@ -1,9 +1,12 @@
 //! The forwarding loop, written once against the `Source`/`Sink` traits: bounded in-flight
 //! window, acknowledgement only after confirmation (contiguously per lane), bounded retries,
-//! rate limiting and graceful stop.
+//! rate limiting and graceful stop. A sink may route single messages itself (`Sink::route`):
+//! a skipped message is handed back to the source (`Source::skip`) and never tracked here, so
+//! the source alone keeps it out of later acknowledgements.
 
-use crate::broker::{KeySource, Position, Refusal, RefusalKind, Sink, Source};
+use crate::broker::{KeySource, Position, Refusal, RefusalKind, Route, Sink, Source};
 use crate::error::{Error, Result};
+use crate::ops::dlq::{DlqReplaySpec, REPLAY_ACK_BATCH};
 use crate::ops::drain::ForwardSpec;
 use crate::ops::partition::{key_hash_index, RoundRobin};
 use crate::progress::{Event, Progress};
@@ -63,6 +66,24 @@ pub struct LoopSettings {
 }
 
 impl LoopSettings {
+    /// Settings of a DLQ replay: its sink routes every message itself, so strategy and key
+    /// are never consulted.
+    pub fn for_replay(spec: &DlqReplaySpec) -> Self {
+        LoopSettings {
+            window: spec.confirm_window,
+            ack_batch: REPLAY_ACK_BATCH,
+            max_messages: spec.max_messages,
+            idle_timeout: spec.idle_timeout,
+            rate_limit: spec.rate_limit,
+            strategy: Strategy::RoundRobin,
+            key: KeySource::RoutingKey,
+            max_attempts: spec.max_attempts,
+            retry_backoff: RETRY_BACKOFF,
+            shutdown_grace: SHUTDOWN_GRACE,
+            confirm_timeout: CONFIRM_TIMEOUT,
+        }
+    }
+
     pub fn from_spec(spec: &ForwardSpec, key: KeySource) -> Self {
         LoopSettings {
             window: spec.confirm_window,
@@ -98,6 +119,8 @@ pub struct LoopOutcome {
     pub unkeyed: u64,
     /// Received but not confirmed before the stop; they return to the source.
     pub returned_to_source: u64,
+    /// Left on the source because the sink's `route` said so (always 0 for the drain).
+    pub skipped: u64,
     pub elapsed_secs: f64,
     pub rate: f64,
     pub stopped_by: StopReason,
@@ -199,6 +222,7 @@ where
     let mut forwarded: u64 = 0;
     let mut retries: u64 = 0;
     let mut unkeyed: u64 = 0;
+    let mut skipped: u64 = 0;
     let mut per_target: BTreeMap<String, u64> = BTreeMap::new();
     let mut last_message_at = Instant::now();
     let mut stop: Option<StopReason> = None;
@@ -297,14 +321,23 @@ where
                             received += 1;
                             last_message_at = Instant::now();
                             let position = S::position(&message);
-                            let target = match settings.strategy {
-                                Strategy::RoundRobin => round_robin.pick(position.lane, fanout),
-                                Strategy::KeyHash => match S::key(&message, &settings.key) {
-                                    Some(key) => key_hash_index(key, fanout),
-                                    None => {
-                                        unkeyed += 1;
-                                        round_robin.pick(position.lane, fanout)
-                                    }
+                            let target = match sink.route(position.lane, &message) {
+                                Route::Skip => {
+                                    // Not tracked: the source keeps it out of later acks.
+                                    skipped += 1;
+                                    source.skip(&message).await?;
+                                    continue;
+                                }
+                                Route::Target(index) => index,
+                                Route::Strategy => match settings.strategy {
+                                    Strategy::RoundRobin => round_robin.pick(position.lane, fanout),
+                                    Strategy::KeyHash => match S::key(&message, &settings.key) {
+                                        Some(key) => key_hash_index(key, fanout),
+                                        None => {
+                                            unkeyed += 1;
+                                            round_robin.pick(position.lane, fanout)
+                                        }
+                                    },
                                 },
                             };
                             let confirmation = sink.send(position.lane, target, &message).await?;
@@ -341,7 +374,7 @@ where
     }
     .await;
 
-    let returned_to_source = received - forwarded;
+    let returned_to_source = received - forwarded - skipped;
     let closed = source.close().await;
     let flushed = sink.close().await;
     progress.emit(Event::Forwarded {
@@ -364,6 +397,7 @@ where
         retries,
         unkeyed,
         returned_to_source,
+        skipped,
         elapsed_secs: started.elapsed().as_secs_f64(),
         rate: rate(forwarded, started.elapsed()),
         stopped_by: stop.unwrap_or(StopReason::Signal),
@@ -423,5 +457,138 @@ mod tests {
         assert_eq!(tracker.ready_to_ack(1, true), vec![at(1, 7)]);
         tracker.confirmed(at(0, 10));
         assert_eq!(tracker.ready_to_ack(1, true), vec![at(0, 15), at(1, 7)]);
+    }
+
+    /// A source of `count` messages on lane 0 (positions 1..=count) that records what the
+    /// loop acknowledged and skipped.
+    struct ListSource {
+        next: u64,
+        count: u64,
+        log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Source for ListSource {
+        type Message = u64;
+
+        async fn receive(&mut self, _wait: Duration) -> Result<Option<u64>> {
+            if self.next > self.count {
+                return Ok(None);
+            }
+            self.next += 1;
+            Ok(Some(self.next - 1))
+        }
+
+        fn position(message: &u64) -> Position {
+            at(0, *message)
+        }
+
+        fn key<'m>(_message: &'m u64, _key: &KeySource) -> Option<&'m [u8]> {
+            None
+        }
+
+        async fn acknowledge(&mut self, position: Position) -> Result<()> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("ack {}", position.seq));
+            Ok(())
+        }
+
+        async fn skip(&mut self, message: &u64) -> Result<()> {
+            self.log.lock().unwrap().push(format!("skip {message}"));
+            Ok(())
+        }
+
+        async fn close(self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Confirms at once; even messages are skipped, multiples of 3 go to target 1.
+    struct EvenSkipper;
+
+    impl Sink for EvenSkipper {
+        type Message = u64;
+
+        fn fanout(&self) -> usize {
+            2
+        }
+
+        fn target_name(&self, _lane: u32, index: usize) -> String {
+            format!("t{index}")
+        }
+
+        fn route(&self, _lane: u32, message: &u64) -> Route {
+            match message {
+                m if m % 2 == 0 => Route::Skip,
+                m if m % 3 == 0 => Route::Target(1),
+                _ => Route::Target(0),
+            }
+        }
+
+        async fn send(
+            &mut self,
+            _lane: u32,
+            _index: usize,
+            _message: &u64,
+        ) -> Result<Confirmation> {
+            Ok(Box::pin(async { Ok(()) }))
+        }
+
+        async fn close(self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn settings() -> LoopSettings {
+        LoopSettings {
+            window: 10,
+            ack_batch: 1,
+            max_messages: None,
+            idle_timeout: Duration::from_millis(50),
+            rate_limit: None,
+            strategy: Strategy::RoundRobin,
+            key: KeySource::RoutingKey,
+            max_attempts: 1,
+            retry_backoff: Duration::from_millis(1),
+            shutdown_grace: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(1),
+        }
+    }
+
+    use crate::broker::Confirmation;
+
+    #[tokio::test]
+    async fn skipped_messages_go_back_to_the_source_and_routes_pick_targets() {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = ListSource {
+            next: 1,
+            count: 7,
+            log: log.clone(),
+        };
+        let outcome = run(
+            source,
+            EvenSkipper,
+            &settings(),
+            &crate::progress::silent(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome.forwarded, 4);
+        assert_eq!(outcome.skipped, 3);
+        assert_eq!(outcome.returned_to_source, 0);
+        assert_eq!(outcome.per_target.get("t0"), Some(&3), "1, 5, 7");
+        assert_eq!(outcome.per_target.get("t1"), Some(&1), "3");
+        let log = log.lock().unwrap().clone();
+        for skipped in [2, 4, 6] {
+            assert!(log.contains(&format!("skip {skipped}")), "{log:?}");
+        }
+        // Skipped positions are not tracked: acknowledgements pass them, and the source is
+        // responsible for keeping them (RabbitMQ acks one by one past a held delivery).
+        assert!(log.contains(&"ack 7".to_string()), "{log:?}");
+        assert!(!log
+            .iter()
+            .any(|line| line == "ack 2" || line == "ack 4" || line == "ack 6"));
     }
 }

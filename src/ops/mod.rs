@@ -1,5 +1,6 @@
 //! The operations of the runbook, one module each; the CLI and playbooks both call these.
 
+pub mod dlq;
 pub mod drain;
 pub mod estimate;
 pub mod exec;
