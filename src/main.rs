@@ -4,7 +4,7 @@ use clap::Parser;
 use mqdrain::cli::dlq::DlqCommand;
 use mqdrain::cli::{Cli, Command, OutputFormat};
 use mqdrain::error::{exit, Error, Result};
-use mqdrain::ops::{dlq, drain, inspect};
+use mqdrain::ops::{dlq, drain, inspect, plan};
 use mqdrain::ui;
 use serde::Serialize;
 use std::process::ExitCode;
@@ -123,6 +123,10 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             )
             .await?;
             emit(format, &outcome, ui::drain::forward)
+        }
+        Command::Plan(args) => {
+            let report = plan::execute(&target, &args.into(), &progress).await?;
+            emit(format, &report, ui::plan::render)
         }
         Command::Watch(args) => {
             // Human output comes from the progress renderer's bars or lines.

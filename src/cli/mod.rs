@@ -2,13 +2,16 @@
 
 use crate::endpoint::{self, Target};
 use crate::error::{Error, Result};
-use crate::ops::drain::{ExpandSpec, ForwardSpec, RestoreSpec, StopConsumersSpec, WatchSpec};
+use crate::ops::drain::{
+    ExpandSpec, Factor, ForwardSpec, RestoreSpec, StopConsumersSpec, WatchSpec,
+};
 use crate::ops::forward_loop::Strategy;
 use crate::ops::inspect::InspectSpec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::time::Duration;
 
 pub mod dlq;
+pub mod plan;
 pub mod playbook;
 
 const AFTER_HELP: &str = "\
@@ -123,6 +126,15 @@ pub enum Command {
     /// Several forwarders on the same queue share the work.
     Forward(ForwardArgs),
 
+    /// Size the drain: the factor that empties the backlog within --target while inflow goes on.
+    ///
+    /// Measures the backlog, its inflow and the per-consumer throughput (outflow / consumers, or
+    /// --per-consumer-rate), then shows the factor N (temporary queues, or partition multiplier;
+    /// one consumer per temporary queue/partition) and the ETA for a few N around it. Warns when
+    /// the forwarder's ceiling, not the consumers, is the bottleneck: then more temporary queues
+    /// do not help. `expand --factor auto --target T` uses the same computation. Read-only.
+    Plan(plan::PlanArgs),
+
     /// Show the drain: depth/lag, rates and ETA of the source and every temporary queue/partition.
     Watch(WatchArgs),
 
@@ -191,9 +203,10 @@ impl From<&StopConsumersArgs> for StopConsumersSpec {
 pub struct ExpandArgs {
     /// Queue (RabbitMQ) or topic (Kafka).
     pub name: String,
-    /// How many temporary queues (RabbitMQ) or the partition multiplier (Kafka), 1 to 1000.
+    /// How many temporary queues (RabbitMQ) or the partition multiplier (Kafka), 1 to 1000; or
+    /// auto: the smallest that drains within --target at the measured rates (see `plan`).
     #[arg(long)]
-    pub factor: usize,
+    pub factor: Factor,
     /// RabbitMQ: name prefix of the temporary queues (<queue>.drain gives <queue>.drain.0 ...);
     /// Kafka: the temporary topic (default <topic>.drain).
     #[arg(long, visible_alias = "temp-topic")]
@@ -202,6 +215,14 @@ pub struct ExpandArgs {
     /// a queue or topic that holds messages).
     #[arg(long)]
     pub force: bool,
+    /// With --factor auto: the drain must finish within this, e.g. 30m.
+    #[arg(long, value_parser = parse_duration)]
+    pub target: Option<Duration>,
+    /// With --factor auto on Kafka: the consumer group whose lag and throughput are measured.
+    #[arg(long)]
+    pub group: Option<String>,
+    #[command(flatten)]
+    pub measure: plan::MeasureArgs,
     #[command(flatten)]
     pub dry_run: DryRun,
 }
@@ -213,6 +234,11 @@ impl From<&ExpandArgs> for ExpandSpec {
             factor: args.factor,
             temp: args.temp_prefix.clone(),
             force: args.force,
+            target: args.target,
+            group: args.group.clone(),
+            per_consumer_rate: args.measure.per_consumer_rate,
+            forwarder_rate: args.measure.forwarder_rate,
+            sample: args.measure.sample,
         }
     }
 }

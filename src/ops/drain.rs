@@ -6,6 +6,7 @@ use crate::endpoint::Target;
 use crate::error::{Error, Result};
 use crate::ops::exec::ExecOutcome;
 use crate::ops::forward_loop::{LoopOutcome, Strategy};
+use crate::ops::plan::{self, PlanSpec};
 use crate::progress::{Event, Progress};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -99,11 +100,91 @@ pub struct StopConsumersOutcome {
     pub remaining: Vec<ClientRef>,
 }
 
+/// `expand`'s factor: a number of temporary queues (partition multiplier), or `auto`: the
+/// smallest that drains within `target`, computed by `ops::plan` from measured rates. Written as
+/// a number or `"auto"` in specs and playbooks, so existing `factor: 8` keeps working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    Count(usize),
+    Auto,
+}
+
+impl std::fmt::Display for Factor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Factor::Count(count) => write!(f, "{count}"),
+            Factor::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for Factor {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text.trim() {
+            "auto" => Ok(Factor::Auto),
+            number => number.parse().map(Factor::Count).map_err(|_| {
+                format!("'{text}' is not a factor: give a whole number of temporary queues (partition multiplier) or auto")
+            }),
+        }
+    }
+}
+
+impl Serialize for Factor {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Factor::Count(count) => serializer.serialize_u64(*count as u64),
+            Factor::Auto => serializer.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Factor {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Factor;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a whole number (temporary queues, or the partition multiplier) or auto",
+                )
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> std::result::Result<Factor, E> {
+                usize::try_from(value)
+                    .map(Factor::Count)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(value), &self))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> std::result::Result<Factor, E> {
+                usize::try_from(value)
+                    .map(Factor::Count)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(value), &self))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> std::result::Result<Factor, E> {
+                match value {
+                    "auto" => Ok(Factor::Auto),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpandSpec {
     pub name: String,
-    pub factor: usize,
+    pub factor: Factor,
     /// RabbitMQ: prefix of the temporary queues (`<queue>.drain`); Kafka: the temporary topic
     /// (`<topic>.drain`).
     #[serde(default)]
@@ -111,6 +192,50 @@ pub struct ExpandSpec {
     /// Accept a different factor than what exists.
     #[serde(default)]
     pub force: bool,
+    /// With `factor: auto`: the drain must finish within this.
+    #[serde(default, with = "crate::ops::duration_text::option")]
+    pub target: Option<Duration>,
+    /// With `factor: auto` on Kafka: the group whose lag and throughput are measured.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// With `factor: auto`: see `ops::plan::PlanSpec`.
+    #[serde(default)]
+    pub per_consumer_rate: Option<f64>,
+    #[serde(default)]
+    pub forwarder_rate: Option<f64>,
+    #[serde(default = "default_plan_sample", with = "crate::ops::duration_text")]
+    pub sample: Duration,
+}
+
+fn default_plan_sample() -> Duration {
+    secs(5)
+}
+
+impl ExpandSpec {
+    /// Checks the factor and the options that only `auto` uses, before anything is measured.
+    pub fn check_factor(&self) -> Result<()> {
+        match (self.factor, self.target) {
+            (Factor::Count(count), None) => crate::ops::validate_factor(count),
+            (Factor::Count(_), Some(_)) => Err(Error::usage(
+                "--target only applies to --factor auto (the factor is then computed to drain within it)",
+            )),
+            (Factor::Auto, None) => Err(Error::usage(
+                "--factor auto needs --target <duration>: the time the drain must finish within, e.g. 30m",
+            )),
+            (Factor::Auto, Some(_)) => Ok(()),
+        }
+    }
+
+    fn plan_spec(&self, target: Duration) -> PlanSpec {
+        PlanSpec {
+            name: self.name.clone(),
+            group: self.group.clone(),
+            target,
+            per_consumer_rate: self.per_consumer_rate,
+            sample: self.sample,
+            forwarder_rate: self.forwarder_rate,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -276,11 +401,38 @@ pub async fn expand(
     dry_run: bool,
     progress: &Progress,
 ) -> Result<ExpandOutcome> {
-    crate::ops::validate_factor(spec.factor)?;
-    match target {
-        Target::Rabbit(rabbit) => rabbitmq::drain::expand(rabbit, spec, dry_run, progress).await,
-        Target::Kafka(kafka) => kafka::drain::expand(kafka, spec, dry_run, progress).await,
+    spec.check_factor()?;
+    let (factor, planned) = match (spec.factor, spec.target) {
+        (Factor::Count(count), _) => (count, None),
+        (Factor::Auto, target_time) => {
+            let time = target_time.unwrap_or_default();
+            let report = plan::execute(target, &spec.plan_spec(time), progress).await?;
+            let Some(factor) = report.plan.factor else {
+                return Err(Error::Broker(format!(
+                    "--factor auto: {}. {}",
+                    plan::summary(&report),
+                    report.plan.warnings.join(" ")
+                )));
+            };
+            (factor, Some(report))
+        }
+    };
+    crate::ops::validate_factor(factor)?;
+    let mut outcome = match target {
+        Target::Rabbit(rabbit) => {
+            rabbitmq::drain::expand(rabbit, spec, factor, dry_run, progress).await?
+        }
+        Target::Kafka(kafka) => {
+            kafka::drain::expand(kafka, spec, factor, dry_run, progress).await?
+        }
+    };
+    if let Some(report) = planned {
+        // The plan's reasoning leads the actions, warnings (forwarder-bound) included.
+        let mut lines = vec![plan::summary(&report)];
+        lines.extend(report.plan.warnings.iter().cloned());
+        outcome.actions.splice(0..0, lines);
     }
+    Ok(outcome)
 }
 
 pub async fn forward(
@@ -416,5 +568,49 @@ pub async fn restore(
             rabbitmq::drain::restore(rabbit, spec, dry_run, progress, cancel).await
         }
         Target::Kafka(kafka) => kafka::drain::restore(kafka, spec, dry_run, progress, cancel).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand(yaml: &str) -> std::result::Result<ExpandSpec, String> {
+        serde_yaml::from_str(yaml).map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn factor_is_a_number_or_auto() {
+        let spec = expand("name: q\nfactor: 8\n").expect("number");
+        assert_eq!(spec.factor, Factor::Count(8));
+        assert!(spec.check_factor().is_ok());
+        let spec = expand("name: q\nfactor: auto\ntarget: 30m\n").expect("auto");
+        assert_eq!(spec.factor, Factor::Auto);
+        assert_eq!(spec.target, Some(Duration::from_secs(1800)));
+        assert!(spec.check_factor().is_ok());
+        let error = expand("name: q\nfactor: lots\n").unwrap_err();
+        assert!(error.contains("expected a whole number"), "{error}");
+        assert!(expand("name: q\nfactor: -2\n").is_err());
+        assert_eq!("auto".parse::<Factor>(), Ok(Factor::Auto));
+        assert_eq!("12".parse::<Factor>(), Ok(Factor::Count(12)));
+        assert!("x".parse::<Factor>().is_err());
+        assert_eq!(
+            serde_json::to_value(Factor::Auto).ok(),
+            Some(serde_json::json!("auto"))
+        );
+    }
+
+    #[test]
+    fn auto_needs_a_target_and_only_auto_takes_one() {
+        let auto = expand("name: q\nfactor: auto\n").expect("parses");
+        assert!(auto
+            .check_factor()
+            .unwrap_err()
+            .to_string()
+            .contains("--target"));
+        let both = expand("name: q\nfactor: 3\ntarget: 10m\n").expect("parses");
+        assert!(both.check_factor().is_err());
+        let zero = expand("name: q\nfactor: 0\n").expect("parses");
+        assert!(zero.check_factor().is_err());
     }
 }

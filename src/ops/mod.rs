@@ -8,6 +8,7 @@ pub mod forward_loop;
 pub mod inspect;
 pub mod load;
 pub mod partition;
+pub mod plan;
 
 use crate::error::{Error, Result};
 

@@ -938,7 +938,7 @@ impl Loader<'_> {
             "stop-consumers" => Operation::StopConsumers(self.typed(op, path, &resolved)?),
             "expand" => {
                 let spec: ExpandSpec = self.typed(op, path, &resolved)?;
-                if let Err(error) = crate::ops::validate_factor(spec.factor) {
+                if let Err(error) = spec.check_factor() {
                     self.value_error(&join(path, "factor"), error.to_string());
                 }
                 Operation::Expand(spec)
@@ -1276,7 +1276,7 @@ mod tests {
             panic!()
         };
         assert_eq!(spec.name, "orders");
-        assert_eq!(spec.factor, 3);
+        assert_eq!(spec.factor, crate::ops::drain::Factor::Count(3));
         let Operation::Exec(exec) = &playbook.steps[1].operation else {
             panic!()
         };

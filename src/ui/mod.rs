@@ -3,6 +3,7 @@
 pub mod dlq;
 pub mod drain;
 pub mod inspect;
+pub mod plan;
 pub mod playbook;
 pub mod progress;
 

@@ -620,10 +620,10 @@ async fn create_topic(
 pub async fn expand(
     target: &KafkaTarget,
     spec: &ExpandSpec,
+    factor: usize,
     dry_run: bool,
     progress: &Progress,
 ) -> Result<ExpandOutcome> {
-    crate::ops::validate_factor(spec.factor)?;
     let temp = temp_topic(&spec.name, spec.temp.as_deref());
     if temp == spec.name {
         return Err(Error::usage(format!(
@@ -635,7 +635,7 @@ pub async fn expand(
         "expand",
         format!(
             "topic '{}' into '{temp}' (x{}) on kafka://{}",
-            spec.name, spec.factor, target.bootstrap_servers
+            spec.name, factor, target.bootstrap_servers
         ),
     );
     let observer = Arc::new(client::observer(target, OBSERVER_GROUP)?);
@@ -650,12 +650,12 @@ pub async fn expand(
         })?;
     let source_partitions = source.partitions.len();
     let partitions = source_partitions
-        .checked_mul(spec.factor)
+        .checked_mul(factor)
         .and_then(|n| i32::try_from(n).ok())
         .ok_or_else(|| {
             Error::usage(format!(
                 "--factor {} times the {source_partitions} partitions of '{}' is too many partitions",
-                spec.factor, spec.name
+                factor, spec.name
             ))
         })?;
     let partition_count = usize::try_from(partitions).unwrap_or_default();
@@ -665,10 +665,10 @@ pub async fn expand(
     let (copied, dropped) = settings_to_copy(target, &spec.name, replication).await?;
     let layout = format!(
         "{partitions} partitions ({} × {source_partitions}: source partition p → partitions p×{}..p×{}+{})",
-        spec.factor,
-        spec.factor,
-        spec.factor,
-        spec.factor - 1
+        factor,
+        factor,
+        factor,
+        factor - 1
     );
 
     let existing = topic_meta(target, &observer, &temp).await?;
@@ -678,7 +678,7 @@ pub async fn expand(
             unchanged = true;
             actions.push(format!(
                 "temporary topic '{temp}' already exists with {partitions} partitions ({} × {source_partitions}): nothing to do",
-                spec.factor
+                factor
             ));
         }
         Some(meta) => {
@@ -694,7 +694,7 @@ pub async fn expand(
                 };
                 return Err(Error::usage(format!(
                     "temporary topic '{temp}' already exists with {now} partitions, but --factor {} needs {partitions} ({} × {source_partitions}); {same}add --force to delete and recreate it (only done while it holds no unconsumed messages), or choose another --temp",
-                    spec.factor, spec.factor
+                    factor, factor
                 )));
             }
             match deletable(target, &observer, &temp, &meta.partitions).await? {

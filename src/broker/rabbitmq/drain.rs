@@ -333,12 +333,13 @@ fn amqp_value(value: &Value) -> AMQPValue {
 pub async fn expand(
     target: &RabbitTarget,
     spec: &ExpandSpec,
+    factor: usize,
     dry_run: bool,
     progress: &Progress,
 ) -> Result<ExpandOutcome> {
     progress.emit(Event::StepStarted {
         step: "expand".into(),
-        detail: format!("queue '{}' x{}", spec.name, spec.factor),
+        detail: format!("queue '{}' x{}", spec.name, factor),
     });
     let api = management(target)?;
     let detail = queue_detail(&api, target, &spec.name).await?;
@@ -350,7 +351,7 @@ pub async fn expand(
     }
     let prefix = temp_prefix(&spec.name, spec.temp.as_deref());
     let existing = find_temp_queues(&api, target, &prefix).await?;
-    let names: Vec<String> = (0..spec.factor)
+    let names: Vec<String> = (0..factor)
         .map(|index| format!("{prefix}.{index}"))
         .collect();
     let TemporaryArguments {
@@ -360,12 +361,12 @@ pub async fn expand(
     } = temporary_arguments(&detail);
     let mut actions = Vec::new();
     let existing_names: Vec<&String> = existing.iter().map(|(_, name)| name).collect();
-    if !existing.is_empty() && existing.len() != spec.factor && !spec.force {
+    if !existing.is_empty() && existing.len() != factor && !spec.force {
         return Err(Error::usage(format!(
             "{} temporary queue(s) named '{prefix}.<i>' already exist ({}), not {}: rerun with --factor {} to keep them, or --force to add the missing ones",
             existing.len(),
             existing_names.iter().map(|name| name.as_str()).collect::<Vec<_>>().join(", "),
-            spec.factor,
+            factor,
             existing.len()
         )));
     }
@@ -377,14 +378,14 @@ pub async fn expand(
     if unchanged {
         actions.push(format!(
             "nothing to do: the {} temporary queues '{prefix}.0'..'{prefix}.{}' already exist",
-            spec.factor,
-            spec.factor - 1
+            factor,
+            factor - 1
         ));
     }
-    for (_, extra) in existing.iter().filter(|(index, _)| *index >= spec.factor) {
+    for (_, extra) in existing.iter().filter(|(index, _)| *index >= factor) {
         actions.push(format!(
             "left alone: '{extra}' is beyond --factor {} (restore removes it once empty)",
-            spec.factor
+            factor
         ));
     }
     let durable = detail.durable.unwrap_or(true);
