@@ -4,7 +4,7 @@
 //! any step can run from another machine or after a crash.
 
 use super::amqp::{self, CONNECTION_NAME_PREFIX};
-use super::forwarding::{QueueSink, QueueSource};
+use super::forwarding::{QueueSink, QueueSource, FORWARD_CONSUMER_TAG};
 use super::management::{ConnectionInfo, Management, QueueDetail};
 use super::settings;
 use crate::broker::KeySource;
@@ -919,11 +919,20 @@ async fn forwarders_on(
         .consumer_details
         .iter()
         .filter_map(|consumer| {
-            let broker_name = consumer.channel_details.connection_name.as_deref()?;
-            let client = names.get(broker_name)?;
-            client.starts_with(FORWARD_CONNECTION).then(|| {
+            let client = consumer
+                .channel_details
+                .connection_name
+                .as_deref()
+                .and_then(|broker_name| names.get(broker_name).copied());
+            let by_connection = client.is_some_and(|client| client.starts_with(FORWARD_CONNECTION));
+            let by_tag = consumer
+                .consumer_tag
+                .as_deref()
+                .is_some_and(|tag| tag.starts_with(FORWARD_CONSUMER_TAG));
+            (by_connection || by_tag).then(|| {
                 format!(
-                    "'{client}' from {}",
+                    "'{}' from {}",
+                    client.unwrap_or(FORWARD_CONSUMER_TAG),
                     consumer.channel_details.peer_host.as_deref().unwrap_or("?")
                 )
             })

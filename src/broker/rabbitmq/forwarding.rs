@@ -16,6 +16,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// Headers recording where a forwarded message was first published.
+/// Consumer-tag prefix of a forwarder: seen in the queue's consumer list at once, while the
+/// connection's client name can lag behind in the management statistics.
+pub const FORWARD_CONSUMER_TAG: &str = "mqdrain-forward";
+
 pub const ORIGINAL_EXCHANGE_HEADER: &str = "x-mqdrain-original-exchange";
 pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-mqdrain-original-routing-key";
 
@@ -39,7 +43,7 @@ impl QueueSource {
         queue: &str,
         prefetch: u16,
     ) -> Result<Self> {
-        Self::open_tagged(connection, target, queue, prefetch, "mqdrain-forward").await
+        Self::open_tagged(connection, target, queue, prefetch, FORWARD_CONSUMER_TAG).await
     }
 
     /// Like `open`, with the consumer tag's prefix naming the operation (`mqdrain-dlq-replay`).
