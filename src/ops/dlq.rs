@@ -481,6 +481,34 @@ impl DlqReplayOutcome {
     }
 
     /// Counts one message of a dry run where `rules` would send it.
+    /// A dry run's result: where each peeked letter would go, what was read (`read` names how),
+    /// and a `partial` warning when only `examined` of `total` could be read (`raise` says how
+    /// to read them all).
+    pub fn plan_dry_run(
+        &mut self,
+        destinations: impl IntoIterator<Item = Destination>,
+        total: u64,
+        read: String,
+        rules: &str,
+        unit: &str,
+        raise: &str,
+    ) {
+        for destination in destinations {
+            self.plan(destination);
+        }
+        self.actions.push(read);
+        self.actions.push(format!("would {rules}"));
+        if self.examined < total {
+            self.warnings.push(Warning {
+                code: "partial",
+                message: format!(
+                    "the dry run read {} of the {total} {unit}; {raise} to plan them all",
+                    self.examined
+                ),
+            });
+        }
+    }
+
     pub fn plan(&mut self, destination: Destination) {
         self.examined += 1;
         match destination {

@@ -516,23 +516,23 @@ async fn replay_with(
             Some(group),
         )
         .await?;
-        for letter in &peeked.letters {
-            outcome.plan(rules.destination(letter));
-        }
-        outcome.actions.push(format!(
+        let read = format!(
             "read {} of the {} records of topic '{}' after group '{group}''s committed offsets, committing nothing; nothing was moved",
-            outcome.examined, peeked.depth, spec.name
-        ));
-        outcome.actions.push(format!("would {rules_line}"));
-        if outcome.examined < peeked.depth {
-            outcome.warnings.push(Warning {
-                code: "partial",
-                message: format!(
-                    "the dry run read {} of the {} records; raise --max-messages to plan them all",
-                    outcome.examined, peeked.depth
-                ),
-            });
-        }
+            peeked.letters.len(),
+            peeked.depth,
+            spec.name
+        );
+        outcome.plan_dry_run(
+            peeked
+                .letters
+                .iter()
+                .map(|letter| rules.destination(letter)),
+            peeked.depth,
+            read,
+            &rules_line,
+            "records",
+            "raise --max-messages",
+        );
         return Ok(outcome);
     }
 

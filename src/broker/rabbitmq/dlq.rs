@@ -494,23 +494,23 @@ async fn replay_on(
 
     if dry_run {
         let peeked = peek(connection, target, &spec.name, peek_limit).await?;
-        for letter in &peeked.letters {
-            outcome.plan(rules.destination(letter));
-        }
-        outcome.actions.push(format!(
+        let read = format!(
             "read {} of the {} messages in queue '{}' without consuming them (never acknowledged, requeued when the channel closed); nothing was moved",
-            outcome.examined, peeked.ready, spec.name
-        ));
-        outcome.actions.push(format!("would {rules_line}"));
-        if outcome.examined < peeked.ready {
-            outcome.warnings.push(Warning {
-                code: "partial",
-                message: format!(
-                    "the dry run read {} of the {} messages; raise --max-messages (at most {MAX_RABBIT_PEEK}) to plan them all",
-                    outcome.examined, peeked.ready
-                ),
-            });
-        }
+            peeked.letters.len(),
+            peeked.ready,
+            spec.name
+        );
+        outcome.plan_dry_run(
+            peeked
+                .letters
+                .iter()
+                .map(|letter| rules.destination(letter)),
+            peeked.ready,
+            read,
+            &rules_line,
+            "messages",
+            &format!("raise --max-messages (at most {MAX_RABBIT_PEEK})"),
+        );
         return Ok(outcome);
     }
 
