@@ -19,7 +19,14 @@ impl Target {
     pub fn redacted(&self) -> String {
         match self {
             Target::Rabbit(rabbit) => rabbit.amqp_redacted(),
-            Target::Kafka(kafka) => format!("kafka://{}", kafka.bootstrap_servers),
+            Target::Kafka(kafka) => {
+                let settings: Vec<String> = kafka
+                    .redacted_config()
+                    .into_iter()
+                    .map(|(key, value)| format!(" -X {key}={value}"))
+                    .collect();
+                format!("kafka://{}{}", kafka.bootstrap_servers, settings.concat())
+            }
         }
     }
 }
@@ -99,15 +106,6 @@ pub fn redact_url(text: &str) -> String {
         }
         _ => text.to_string(),
     }
-}
-
-/// Removes `scheme://user:password@` credentials from free text such as library error messages.
-pub fn redact_text(text: &str, secrets: &[&str]) -> String {
-    let mut out = text.to_string();
-    for secret in secrets.iter().filter(|secret| secret.len() >= 2) {
-        out = out.replace(secret, "***");
-    }
-    out
 }
 
 /// Parses the connection options shared by every subcommand.
@@ -378,6 +376,9 @@ mod tests {
             None,
         )
         .unwrap();
+        let shown = kafka.redacted();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("-X sasl.password=***"), "{shown}");
         let Target::Kafka(kafka) = kafka else {
             panic!("expected Kafka")
         };

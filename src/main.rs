@@ -1,9 +1,10 @@
 //! Entry point: parse arguments, run the operation on a tokio runtime, map the result to an exit code.
 
 use clap::Parser;
+use mqdrain::cli::dlq::DlqCommand;
 use mqdrain::cli::{Cli, Command, OutputFormat};
 use mqdrain::error::{exit, Error, Result};
-use mqdrain::ops::{drain, inspect, plan};
+use mqdrain::ops::{dlq, drain, inspect, plan};
 use mqdrain::ui;
 use serde::Serialize;
 use std::process::ExitCode;
@@ -154,6 +155,18 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
             .await?;
             emit(format, &outcome, ui::drain::restore)
         }
+        Command::Dlq(dlq_args) => match &dlq_args.command {
+            DlqCommand::Inspect(args) => {
+                let report = dlq::inspect(&target, &args.into(), &progress).await?;
+                emit(format, &report, ui::dlq::inspect)
+            }
+            DlqCommand::Replay(args) => {
+                let spec = args.into();
+                let outcome =
+                    dlq::replay(&target, &spec, args.dry_run.dry_run, &progress, &cancel).await?;
+                emit(format, &outcome, ui::dlq::replay)
+            }
+        },
         Command::Load(args) => {
             ui::playbook::load_command(args, &target, format, &progress, &cancel).await
         }

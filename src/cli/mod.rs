@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::time::Duration;
 
 pub mod dedup;
+pub mod dlq;
 pub mod plan;
 pub mod playbook;
 
@@ -143,6 +144,9 @@ pub enum Command {
     /// Refuses while a forwarder still consumes the source or a temporary queue (partition) still
     /// holds ready or unacked messages (lag), checked twice across a statistics interval.
     Restore(RestoreArgs),
+
+    /// Dead-letter queues: `inspect` counts what died and why, `replay` sends it back under a retry budget.
+    Dlq(dlq::DlqArgs),
 
     /// Run the runbook from a YAML playbook: `check` validates it, `run` executes it.
     Playbook(playbook::PlaybookArgs),

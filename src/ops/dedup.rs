@@ -3,7 +3,9 @@
 //!
 //! Before a message with an id is published, its key is set to `inflight:<owner>#<ticket>/<ms>`
 //! (`SET NX PX`, the in-flight TTL); once the target broker confirmed it, the key becomes `done`
-//! for `--dedup-ttl`. A message whose key is `done` was delivered before: it is not published
+//! for `--dedup-ttl` (written, pipelined per batch, right before the source acknowledgement:
+//! only then can no misattributed `basic.return` concern it, so `done` never names a message the
+//! target did not keep). A message whose key is `done` was delivered before: it is not published
 //! again but acknowledged on the source. A key held in flight by another forwarder makes the
 //! message wait; once that mark is stale (its owner is gone: the mark is older than the in-flight
 //! TTL, or expired) it is taken over atomically and the message is published.
@@ -11,10 +13,11 @@
 //! The guarantee: a message with a stable id is published exactly once while Redis keeps its key
 //! (for `--dedup-ttl` after the first delivery). Duplicates remain possible only if
 //! - a forwarder dies (or loses Redis) after the target broker took the message but before the
-//!   `done` mark was written: at most the confirm window of messages, re-published once the
-//!   in-flight mark is stale;
-//! - a publish takes longer than the in-flight TTL (confirm delays plus retries), so another
-//!   forwarder takes the mark over;
+//!   `done` mark was written: at most the confirm window plus one ack batch of messages,
+//!   re-published once the in-flight mark is stale;
+//! - a message stays unacknowledged longer than the in-flight TTL (slow confirms, retries, or an
+//!   earlier message of its lane holding the acknowledgement up), so another forwarder takes the
+//!   mark over;
 //! - Redis loses keys (restart without persistence, eviction under `maxmemory`, failover to a
 //!   replica that had not received them) or the copy arrives after `--dedup-ttl`;
 //! - `--dedup-optional` switched suppression off because Redis failed.
@@ -411,17 +414,25 @@ impl Store {
         Ok(Claim::Busy)
     }
 
-    /// Records that the target confirmed `id`: later copies are duplicates for the TTL.
-    pub async fn done(&self, id: &[u8]) -> Result<()> {
+    /// Records that the target confirmed `ids` (one round trip): later copies are duplicates
+    /// for the TTL.
+    pub async fn done(&self, ids: &[Vec<u8>]) -> Result<()> {
         let mut connection = self.connection.clone();
-        redis::cmd("SET")
-            .arg(self.key(id))
-            .arg(DONE)
-            .arg("PX")
-            .arg(self.ttl.as_millis() as u64)
-            .query_async::<()>(&mut connection)
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("SET")
+                .arg(self.key(id))
+                .arg(DONE)
+                .arg("PX")
+                .arg(self.ttl.as_millis() as u64)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut connection)
             .await
-            .map_err(|error| self.failed("marking as delivered", id, &error))
+            .map_err(|error| {
+                let first = ids.first().map(Vec::as_slice).unwrap_or_default();
+                self.failed("marking as delivered", first, &error)
+            })
     }
 
     /// Drops our in-flight mark of a message the target refused for good, so that a rerun

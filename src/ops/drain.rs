@@ -7,9 +7,11 @@ use crate::error::{Error, Result};
 use crate::ops::exec::ExecOutcome;
 use crate::ops::forward_loop::{LoopOutcome, Strategy};
 use crate::ops::plan::{self, PlanSpec};
-use crate::progress::Progress;
+use crate::progress::{Event, Progress};
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::time::Duration;
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Upper bound for `--factor`: more temporary queues or partition multiples than this is a typo.
@@ -475,6 +477,93 @@ pub async fn forward(
             rabbitmq::drain::forward(rabbit, spec, dry_run, progress, cancel).await
         }
         Target::Kafka(kafka) => kafka::drain::forward(kafka, spec, dry_run, progress, cancel).await,
+    }
+}
+
+/// A broker's reading of a drain, sampled by [`watch_with`]: the source's backlog and each
+/// temporary queue's or partition's.
+pub trait WatchSampler: Send {
+    fn sample(&mut self) -> impl Future<Output = Result<(Backlog, Vec<Backlog>)>> + Send;
+
+    /// What is still left when `--timeout` runs out, in the broker's terms.
+    fn timeout_message(&self, last: &WatchSample, timeout: Duration) -> String;
+}
+
+/// The watch loop for both brokers: samples every `interval`, emits a `Backlog` event per queue
+/// or partition, and ends once drained (empty in two samples in a row, with `until_drained`),
+/// at the timeout (an error), or on cancellation.
+pub async fn watch_with<S: WatchSampler>(
+    spec: &WatchSpec,
+    interval: Duration,
+    mut sampler: S,
+    progress: &Progress,
+    cancel: &CancellationToken,
+    on_sample: &mut (dyn FnMut(&WatchSample) + Send),
+) -> Result<WatchOutcome> {
+    let started = Instant::now();
+    let mut samples = 0;
+    let mut empty_in_a_row = 0;
+    let finished = |progress: &Progress| {
+        progress.emit(Event::StepFinished {
+            step: "watch".into(),
+        })
+    };
+    loop {
+        let (source, temporary) = sampler.sample().await?;
+        let total = std::iter::once(&source)
+            .chain(temporary.iter())
+            .map(|backlog| backlog.depth)
+            .sum::<Option<u64>>();
+        let sample = WatchSample {
+            at_secs: started.elapsed().as_secs_f64(),
+            source,
+            temporary,
+            total,
+        };
+        for backlog in std::iter::once(&sample.source).chain(sample.temporary.iter()) {
+            progress.emit(Event::Backlog {
+                name: backlog.name.clone(),
+                depth: backlog.depth,
+                in_rate: backlog.in_rate,
+                out_rate: backlog.out_rate,
+                eta_secs: backlog.eta_secs,
+            });
+        }
+        on_sample(&sample);
+        samples += 1;
+        empty_in_a_row = if total == Some(0) {
+            empty_in_a_row + 1
+        } else {
+            0
+        };
+        if spec.until_drained && empty_in_a_row >= 2 {
+            finished(progress);
+            return Ok(WatchOutcome {
+                name: spec.name.clone(),
+                drained: true,
+                samples,
+                last: Some(sample),
+            });
+        }
+        if let Some(timeout) = spec.timeout {
+            if started.elapsed() >= timeout {
+                finished(progress);
+                return Err(Error::Timeout(sampler.timeout_message(&sample, timeout)));
+            }
+        }
+        let next = spec
+            .timeout
+            .map_or(interval, |timeout| {
+                interval.min(timeout.saturating_sub(started.elapsed()))
+            })
+            .max(Duration::from_millis(10));
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                finished(progress);
+                return Err(Error::Cancelled);
+            }
+            _ = tokio::time::sleep(next) => {}
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Running the operator's own commands (`--exec`, playbook `exec`) with a timeout.
 
 use crate::error::{Error, Result};
+use crate::progress::{Event, Level, Progress};
 use serde::Serialize;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -94,6 +95,37 @@ pub async fn run(
         )));
     }
     Ok(outcome)
+}
+
+/// Runs the operator's own command of a drain step (`--exec`), reporting it as a progress
+/// notice and in `actions`; with `dry_run` it only records what would run.
+pub async fn operator_command(
+    command: Option<&str>,
+    timeout: Duration,
+    dry_run: bool,
+    progress: &Progress,
+    actions: &mut Vec<String>,
+) -> Result<Option<ExecOutcome>> {
+    let Some(command) = command else {
+        return Ok(None);
+    };
+    if dry_run {
+        actions.push(format!(
+            "would run `{command}` (timeout {})",
+            humantime::format_duration(timeout)
+        ));
+        return Ok(None);
+    }
+    progress.emit(Event::Notice {
+        level: Level::Info,
+        message: format!("running `{command}`"),
+    });
+    let outcome = run(command, timeout, &[], 0).await?;
+    actions.push(format!(
+        "ran `{command}`: exit code 0 in {:.1}s",
+        outcome.duration_secs
+    ));
+    Ok(Some(outcome))
 }
 
 fn tail(bytes: &[u8]) -> String {

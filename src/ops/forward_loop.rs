@@ -1,16 +1,20 @@
 //! The forwarding loop, written once against the `Source`/`Sink` traits: bounded in-flight
 //! window, acknowledgement only after confirmation (contiguously per lane), bounded retries,
-//! rate limiting, graceful stop and, with a `Dedup`, duplicate suppression: a message with an id
-//! is claimed in Redis before it is published and marked done before it is acknowledged (see
-//! `ops::dedup` for the protocol and what it guarantees).
+//! rate limiting and graceful stop. A sink may route single messages itself (`Sink::route`):
+//! a skipped message is handed back to the source (`Source::skip`) and never tracked here, so
+//! the source alone keeps it out of later acknowledgements. With a `Dedup`, a message with an
+//! id is claimed in Redis before it is published and marked done right before its source
+//! acknowledgement (see `ops::dedup` for the protocol and what it guarantees).
 
-use crate::broker::{KeySource, Position, Refusal, Sink, Source};
+use crate::broker::{KeySource, Position, Refusal, RefusalKind, Route, Sink, Source};
 use crate::error::{Error, Result};
 use crate::ops::dedup::{Claim, Dedup, Store, BUSY_POLL};
+use crate::ops::dlq::{DlqReplaySpec, REPLAY_ACK_BATCH};
+use crate::ops::drain::ForwardSpec;
 use crate::ops::partition::{key_hash_index, RoundRobin};
 use crate::progress::{Event, Level, Progress};
 use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -21,6 +25,11 @@ use tokio_util::sync::CancellationToken;
 /// How long one receive waits before the loop re-checks its stop conditions.
 const RECEIVE_POLL: Duration = Duration::from_millis(200);
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// After a stop signal, how long to wait for outstanding confirmations.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// A confirmation that has not arrived after this long is treated as lost.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -56,8 +65,47 @@ pub struct LoopSettings {
     pub retry_backoff: Duration,
     /// After a stop signal, how long to wait for outstanding confirmations.
     pub shutdown_grace: Duration,
-    /// Duplicate suppression (`forward --dedup`); `None` publishes every message.
+    pub confirm_timeout: Duration,
+    /// Duplicate suppression (`--dedup`); `None` publishes every message.
     pub dedup: Option<Dedup>,
+}
+
+impl LoopSettings {
+    /// Settings of a DLQ replay: its sink routes every message itself, so strategy and key
+    /// are never consulted.
+    pub fn for_replay(spec: &DlqReplaySpec, dedup: Option<Dedup>) -> Self {
+        LoopSettings {
+            window: spec.confirm_window,
+            ack_batch: REPLAY_ACK_BATCH,
+            max_messages: spec.max_messages,
+            idle_timeout: spec.idle_timeout,
+            rate_limit: spec.rate_limit,
+            strategy: Strategy::RoundRobin,
+            key: KeySource::RoutingKey,
+            max_attempts: spec.max_attempts,
+            retry_backoff: RETRY_BACKOFF,
+            shutdown_grace: SHUTDOWN_GRACE,
+            confirm_timeout: CONFIRM_TIMEOUT,
+            dedup,
+        }
+    }
+
+    pub fn from_spec(spec: &ForwardSpec, key: KeySource, dedup: Option<Dedup>) -> Self {
+        LoopSettings {
+            window: spec.confirm_window,
+            ack_batch: spec.ack_batch,
+            max_messages: spec.max_messages,
+            idle_timeout: spec.idle_timeout.unwrap_or(Duration::MAX),
+            rate_limit: spec.rate_limit,
+            strategy: spec.strategy,
+            key,
+            max_attempts: spec.max_attempts,
+            retry_backoff: RETRY_BACKOFF,
+            shutdown_grace: SHUTDOWN_GRACE,
+            confirm_timeout: CONFIRM_TIMEOUT,
+            dedup,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -85,6 +133,8 @@ pub struct LoopOutcome {
     pub dedup_bypassed: Option<String>,
     /// Received but not confirmed before the stop; they return to the source.
     pub returned_to_source: u64,
+    /// Left on the source because the sink's `route` said so (always 0 for the drain).
+    pub skipped: u64,
     pub elapsed_secs: f64,
     pub rate: f64,
     pub stopped_by: StopReason,
@@ -103,15 +153,34 @@ struct InFlight<M> {
 enum Step {
     /// The dedup store's verdict before publishing.
     Claimed(Result<Claim>),
-    /// The target's answer; for a deduplicated message also whether it was marked done.
-    Confirmed {
-        outcome: std::result::Result<(), Refusal>,
-        marked: Result<()>,
-    },
+    /// The target's answer.
+    Confirmed(std::result::Result<(), Refusal>),
+}
+
+impl Step {
+    /// Refusals sort before everything else in a batch of resolved steps.
+    fn is_refusal(&self) -> bool {
+        matches!(self, Step::Confirmed(Err(_)))
+    }
 }
 
 /// Resolves to the in-flight message's ticket and what happened to it.
 type Pending = Pin<Box<dyn Future<Output = (u64, Step)> + Send>>;
+
+/// Tags a confirmation with its ticket and bounds how long it may take.
+fn confirmed(ticket: u64, confirmation: crate::broker::Confirmation, timeout: Duration) -> Pending {
+    Box::pin(async move {
+        let outcome = match tokio::time::timeout(timeout, confirmation).await {
+            Ok(outcome) => outcome,
+            // The publish may still have arrived: it stays unacknowledged and is redelivered.
+            Err(_) => Err(Refusal::unattributable(format!(
+                "no confirmation arrived within {}",
+                humantime::format_duration(timeout)
+            ))),
+        };
+        (ticket, Step::Confirmed(outcome))
+    })
+}
 
 fn claim(store: Store, id: Vec<u8>, ticket: u64, delay: Duration) -> Pending {
     Box::pin(async move {
@@ -122,13 +191,12 @@ fn claim(store: Store, id: Vec<u8>, ticket: u64, delay: Duration) -> Pending {
     })
 }
 
-/// Publishes `entry`; the returned future resolves once the target confirmed and, when `store`
-/// is given, the id was marked done.
+/// Publishes `entry`, stamping its id when it has one.
 async fn publish<K: Sink>(
     sink: &mut K,
     entry: &InFlight<K::Message>,
     ticket: u64,
-    store: Option<Store>,
+    timeout: Duration,
 ) -> Result<Pending> {
     let lane = entry.position.lane;
     let confirmation = match &entry.id {
@@ -138,39 +206,7 @@ async fn publish<K: Sink>(
         }
         None => sink.send(lane, entry.target, &entry.message).await?,
     };
-    let Some((store, id)) = store.zip(entry.id.clone()) else {
-        return Ok(Box::pin(async move {
-            let outcome = confirmation.await;
-            (
-                ticket,
-                Step::Confirmed {
-                    outcome,
-                    marked: Ok(()),
-                },
-            )
-        }));
-    };
-    // A task of its own: the done mark is written as soon as the target confirmed, even while
-    // the loop waits (a retry's backoff), which keeps the window for duplicates after a crash
-    // as short as the confirm itself.
-    let marking = tokio::spawn(async move {
-        let outcome = confirmation.await;
-        let marked = match &outcome {
-            Ok(()) => store.done(&id).await,
-            Err(_) => Ok(()),
-        };
-        (outcome, marked)
-    });
-    Ok(Box::pin(async move {
-        let (outcome, marked) = marking.await.unwrap_or_else(|error| {
-            let refusal = Refusal {
-                reason: format!("the confirmation task ended early: {error}"),
-                retryable: false,
-            };
-            (Err(refusal), Ok(()))
-        });
-        (ticket, Step::Confirmed { outcome, marked })
-    }))
+    Ok(confirmed(ticket, confirmation, timeout))
 }
 
 /// Per lane, the positions received and whether each is confirmed, oldest first; only the
@@ -280,11 +316,11 @@ async fn publish_ready<K: Sink>(
     sink: &mut K,
     in_flight: &HashMap<u64, InFlight<K::Message>>,
     pending: &mut FuturesUnordered<Pending>,
-    store: &Option<Store>,
+    timeout: Duration,
 ) -> Result<()> {
     while let Some(ticket) = order.pop_ready(lane) {
         if let Some(entry) = in_flight.get(&ticket) {
-            let step = publish(sink, entry, ticket, store.clone()).await?;
+            let step = publish(sink, entry, ticket, timeout).await?;
             pending.push(step);
         }
     }
@@ -304,11 +340,14 @@ where
 {
     let started = Instant::now();
     let fanout = sink.fanout();
+    let timeout = settings.confirm_timeout;
     let mut round_robin = RoundRobin::default();
     let mut tracker = AckTracker::default();
     let mut in_flight: HashMap<u64, InFlight<S::Message>> = HashMap::new();
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
     let mut order = PublishOrder::default();
+    // Once set, nothing more is acknowledged: everything not yet acked returns to the source.
+    let mut acks_frozen = false;
     let mut next_ticket: u64 = 0;
     let mut received: u64 = 0;
     let mut forwarded: u64 = 0;
@@ -316,6 +355,7 @@ where
     let mut without_id: u64 = 0;
     let mut retries: u64 = 0;
     let mut unkeyed: u64 = 0;
+    let mut skipped: u64 = 0;
     let mut per_target: BTreeMap<String, u64> = BTreeMap::new();
     let mut last_message_at = Instant::now();
     let mut stop: Option<StopReason> = None;
@@ -323,10 +363,7 @@ where
     let mut grace_deadline: Option<tokio::time::Instant> = None;
     let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
     let dedup = settings.dedup.as_ref();
-    // Taken away when `--dedup-optional` bypasses a failing Redis for the rest of the run.
-    let mut store: Option<Store> = dedup.and_then(|dedup| dedup.store.clone());
-    let mut bypassed: Option<String> = dedup.and_then(|dedup| dedup.bypassed.clone());
-    let optional = dedup.is_some_and(|dedup| dedup.optional);
+    let mut marks = Marks::new(dedup);
 
     let result: Result<()> = async {
         loop {
@@ -355,104 +392,108 @@ where
                     // Unconfirmed messages stay unacknowledged and return to the source.
                     break;
                 }
-                Some((ticket, step)) = pending.next(), if !pending.is_empty() => {
-                    let Some(mut entry) = in_flight.remove(&ticket) else { continue };
-                    let outcome = match step {
-                        Step::Claimed(verdict) => {
-                            let lane = entry.position.lane;
-                            let stopping = stop.is_some() || failure.is_some();
-                            match verdict {
-                                Ok(Claim::Duplicate) => {
-                                    // Delivered before: acknowledging it is all that is left.
-                                    suppressed += 1;
-                                    order.remove(lane, ticket);
-                                    let flush = in_flight.is_empty();
-                                    settle(&mut source, &mut tracker, entry.position, settings.ack_batch, flush).await?;
-                                }
-                                Ok(Claim::Busy) if stopping => {
-                                    // Another copy is in flight and we are stopping: this one
-                                    // stays on the source, unacknowledged.
-                                    order.remove(lane, ticket);
-                                }
-                                Ok(Claim::Busy) if store.is_some() => {
-                                    if let (Some(active), Some(id)) = (&store, &entry.id) {
-                                        pending.push(claim(active.clone(), id.clone(), ticket, BUSY_POLL));
+                Some(first) = pending.next(), if !pending.is_empty() => {
+                    // Take every step already resolved, refusals first: lapin resolves a
+                    // coalesced ack's tags in ascending order and hands a return to the first of
+                    // them, so a misattributed return is visible no later than the confirmation
+                    // of the message it belongs to, and must be seen before anything is acked.
+                    let mut batch = vec![first];
+                    while let Some(Some(next)) = pending.next().now_or_never() {
+                        batch.push(next);
+                    }
+                    batch.sort_by_key(|(_, step)| !step.is_refusal());
+                    if let Some((_, Step::Confirmed(Err(refusal)))) = batch.iter().find(|(_, step)| {
+                        matches!(step, Step::Confirmed(Err(refusal)) if refusal.kind == RefusalKind::Unattributable)
+                    }) {
+                        acks_frozen = true;
+                        failure.get_or_insert_with(|| Error::Broker(format!(
+                            "{}; mqdrain cannot tell which message that was, so it stopped acknowledging: every message not yet acknowledged goes back to the source. Recreate the temporary queues (mqdrain expand) and run forward again",
+                            refusal.reason
+                        )));
+                    }
+                    for (ticket, step) in batch {
+                        let Some(mut entry) = in_flight.remove(&ticket) else { continue };
+                        let lane = entry.position.lane;
+                        match step {
+                            Step::Claimed(verdict) => {
+                                let stopping = stop.is_some() || failure.is_some();
+                                match verdict {
+                                    Ok(Claim::Duplicate) => {
+                                        // Delivered before: acknowledging it is all that is left.
+                                        suppressed += 1;
+                                        order.remove(lane, ticket);
+                                        tracker.confirmed(entry.position);
                                     }
-                                    in_flight.insert(ticket, entry);
-                                }
-                                Err(error) if !optional => {
-                                    // Not published: it stays on the source.
-                                    order.remove(lane, ticket);
-                                    if failure.is_none() {
-                                        failure = Some(error);
+                                    Ok(Claim::Busy) if stopping => {
+                                        // Another copy is in flight and we are stopping: this
+                                        // one stays on the source, unacknowledged.
+                                        order.remove(lane, ticket);
+                                    }
+                                    Ok(Claim::Busy) if marks.store.is_some() => {
+                                        if let (Some(active), Some(id)) = (&marks.store, &entry.id) {
+                                            pending.push(claim(active.clone(), id.clone(), ticket, BUSY_POLL));
+                                        }
+                                        in_flight.insert(ticket, entry);
+                                    }
+                                    Err(error) if !marks.optional => {
+                                        // Not published: it stays on the source.
+                                        order.remove(lane, ticket);
+                                        failure.get_or_insert(error);
+                                    }
+                                    // Claimed; or Busy/failed after --dedup-optional bypassed Redis.
+                                    other => {
+                                        if let Err(error) = &other {
+                                            marks.bypass(error, progress);
+                                        }
+                                        if !order.mark_ready(lane, ticket) {
+                                            // A retry's re-claim: it was in order once already.
+                                            let step = publish(&mut sink, &entry, ticket, timeout).await?;
+                                            pending.push(step);
+                                        }
+                                        in_flight.insert(ticket, entry);
                                     }
                                 }
-                                // Claimed; or Busy/failed after --dedup-optional bypassed Redis.
-                                other => {
-                                    if let Err(error) = &other {
-                                        bypass(&mut store, &mut bypassed, error, progress);
-                                    }
-                                    if !order.mark_ready(lane, ticket) {
-                                        // A retry's re-claim: it was in order once already.
-                                        let step = publish(&mut sink, &entry, ticket, store.clone()).await?;
-                                        pending.push(step);
-                                    }
-                                    in_flight.insert(ticket, entry);
-                                }
+                                publish_ready(&mut order, lane, &mut sink, &in_flight, &mut pending, timeout).await?;
                             }
-                            publish_ready(&mut order, lane, &mut sink, &in_flight, &mut pending, &store).await?;
-                            continue;
-                        }
-                        Step::Confirmed { outcome, marked } => {
-                            if let Err(error) = marked {
-                                // Delivered but not remembered: still acknowledged below, since
-                                // a redelivery would certainly be a duplicate.
-                                if optional {
-                                    bypass(&mut store, &mut bypassed, &error, progress);
-                                } else if failure.is_none() {
-                                    failure = Some(error);
-                                }
+                            Step::Confirmed(Ok(())) => {
+                                forwarded += 1;
+                                *per_target
+                                    .entry(sink.target_name(lane, entry.target))
+                                    .or_default() += 1;
+                                marks.confirmed(entry.position, entry.id);
+                                tracker.confirmed(entry.position);
                             }
-                            outcome
-                        }
-                    };
-                    match outcome {
-                        Ok(()) => {
-                            forwarded += 1;
-                            *per_target
-                                .entry(sink.target_name(entry.position.lane, entry.target))
-                                .or_default() += 1;
-                            let flush = in_flight.is_empty();
-                            settle(&mut source, &mut tracker, entry.position, settings.ack_batch, flush).await?;
-                        }
-                        Err(refusal) => {
-                            entry.attempts += 1;
-                            let target = sink.target_name(entry.position.lane, entry.target);
-                            if !refusal.retryable || entry.attempts >= settings.max_attempts {
-                                if let (Some(active), Some(id)) = (&store, &entry.id) {
-                                    // Best effort: a mark left behind only delays a rerun.
-                                    let _ = active.release(id, ticket).await;
-                                }
-                                if failure.is_none() {
-                                    failure = Some(Error::Broker(format!(
+                            Step::Confirmed(Err(refusal)) => {
+                                entry.attempts += 1;
+                                let target = sink.target_name(lane, entry.target);
+                                if refusal.kind != RefusalKind::Retry || entry.attempts >= settings.max_attempts {
+                                    if let (Some(active), Some(id)) = (&marks.store, &entry.id) {
+                                        // Best effort: a mark left behind only delays a rerun.
+                                        let _ = active.release(id, ticket).await;
+                                    }
+                                    failure.get_or_insert_with(|| Error::Broker(format!(
                                         "{target} refused a message {} time(s), last because {}; it stays on the source and nothing unconfirmed was acknowledged. Check that {target} exists and accepts messages (length limit, permissions), then run forward again",
                                         entry.attempts, refusal.reason
                                     )));
+                                    continue;
                                 }
-                                continue;
+                                retries += 1;
+                                tokio::time::sleep(settings.retry_backoff * entry.attempts).await;
+                                let step = match (&marks.store, &entry.id) {
+                                    // Claiming again refreshes our in-flight mark for the retry.
+                                    (Some(active), Some(id)) => {
+                                        claim(active.clone(), id.clone(), ticket, Duration::ZERO)
+                                    }
+                                    _ => publish(&mut sink, &entry, ticket, timeout).await?,
+                                };
+                                pending.push(step);
+                                in_flight.insert(ticket, entry);
                             }
-                            retries += 1;
-                            tokio::time::sleep(settings.retry_backoff * entry.attempts).await;
-                            let step = match (&store, &entry.id) {
-                                // Claiming again refreshes our in-flight mark for the retry.
-                                (Some(active), Some(id)) => {
-                                    claim(active.clone(), id.clone(), ticket, Duration::ZERO)
-                                }
-                                _ => publish(&mut sink, &entry, ticket, None).await?,
-                            };
-                            pending.push(step);
-                            in_flight.insert(ticket, entry);
                         }
+                    }
+                    if !acks_frozen {
+                        let flush = in_flight.is_empty();
+                        acknowledge_ready(&mut source, &mut tracker, &mut marks, &mut failure, progress, settings.ack_batch, flush).await?;
                     }
                 }
                 _ = sleep_until_opt(pace_until), if can_receive && pace_until.is_some() => {}
@@ -462,14 +503,23 @@ where
                             received += 1;
                             last_message_at = Instant::now();
                             let position = S::position(&message);
-                            let target = match settings.strategy {
-                                Strategy::RoundRobin => round_robin.pick(position.lane, fanout),
-                                Strategy::KeyHash => match S::key(&message, &settings.key) {
-                                    Some(key) => key_hash_index(key, fanout),
-                                    None => {
-                                        unkeyed += 1;
-                                        round_robin.pick(position.lane, fanout)
-                                    }
+                            let target = match sink.route(position.lane, &message) {
+                                Route::Skip => {
+                                    // Not tracked: the source keeps it out of later acks.
+                                    skipped += 1;
+                                    source.skip(&message).await?;
+                                    continue;
+                                }
+                                Route::Target(index) => index,
+                                Route::Strategy => match settings.strategy {
+                                    Strategy::RoundRobin => round_robin.pick(position.lane, fanout),
+                                    Strategy::KeyHash => match S::key(&message, &settings.key) {
+                                        Some(key) => key_hash_index(key, fanout),
+                                        None => {
+                                            unkeyed += 1;
+                                            round_robin.pick(position.lane, fanout)
+                                        }
+                                    },
                                 },
                             };
                             let id = dedup.and_then(|dedup| S::identity(&message, dedup.id_header.as_deref()));
@@ -481,15 +531,15 @@ where
                             let entry = InFlight { position, target, message, attempts: 0, id };
                             tracker.received(position);
                             if dedup.is_some() {
-                                let needs_claim = store.is_some() && entry.id.is_some();
+                                let needs_claim = marks.store.is_some() && entry.id.is_some();
                                 order.enqueue(position.lane, ticket, !needs_claim);
-                                if let (true, Some(active), Some(id)) = (needs_claim, &store, &entry.id) {
+                                if let (true, Some(active), Some(id)) = (needs_claim, &marks.store, &entry.id) {
                                     pending.push(claim(active.clone(), id.clone(), ticket, Duration::ZERO));
                                 }
                                 in_flight.insert(ticket, entry);
-                                publish_ready(&mut order, position.lane, &mut sink, &in_flight, &mut pending, &store).await?;
+                                publish_ready(&mut order, position.lane, &mut sink, &in_flight, &mut pending, timeout).await?;
                             } else {
-                                let step = publish(&mut sink, &entry, ticket, None).await?;
+                                let step = publish(&mut sink, &entry, ticket, timeout).await?;
                                 pending.push(step);
                                 in_flight.insert(ticket, entry);
                             }
@@ -511,15 +561,14 @@ where
                 }
             }
         }
-        for position in tracker.ready_to_ack(settings.ack_batch, true) {
-            source.acknowledge(position).await?;
-            tracker.acked(position);
+        if !acks_frozen {
+            acknowledge_ready(&mut source, &mut tracker, &mut marks, &mut failure, progress, settings.ack_batch, true).await?;
         }
         Ok(())
     }
     .await;
 
-    let returned_to_source = received - forwarded - suppressed;
+    let returned_to_source = received - forwarded - skipped - suppressed;
     let closed = source.close().await;
     let flushed = sink.close().await;
     progress.emit(Event::Forwarded {
@@ -543,48 +592,105 @@ where
         unkeyed,
         duplicates_suppressed: suppressed,
         without_id,
-        dedup_bypassed: bypassed,
+        dedup_bypassed: marks.bypassed,
         returned_to_source,
+        skipped,
         elapsed_secs: started.elapsed().as_secs_f64(),
         rate: rate(forwarded, started.elapsed()),
         stopped_by: stop.unwrap_or(StopReason::Signal),
     })
 }
 
-/// Marks `position` confirmed (or delivered before) and acknowledges on the source what became
-/// releasable: every `batch` messages of a lane, or everything with `flush`.
-async fn settle<S: Source>(
+/// The loop's side of duplicate suppression: the store while Redis answers, and the confirmed
+/// ids waiting for their `done` mark. Ids are marked right before their acknowledgement, not at
+/// their confirmation: only then can no misattributed return concern them any more, so an id is
+/// never `done` for a message the target did not keep.
+struct Marks {
+    /// Taken away when `--dedup-optional` bypasses a failing Redis for the rest of the run.
+    store: Option<Store>,
+    optional: bool,
+    bypassed: Option<String>,
+    unmarked: BTreeMap<(u32, u64), Vec<u8>>,
+}
+
+impl Marks {
+    fn new(dedup: Option<&Dedup>) -> Self {
+        Marks {
+            store: dedup.and_then(|dedup| dedup.store.clone()),
+            optional: dedup.is_some_and(|dedup| dedup.optional),
+            bypassed: dedup.and_then(|dedup| dedup.bypassed.clone()),
+            unmarked: BTreeMap::new(),
+        }
+    }
+
+    fn confirmed(&mut self, position: Position, id: Option<Vec<u8>>) {
+        if let (Some(_), Some(id)) = (&self.store, id) {
+            self.unmarked.insert((position.lane, position.seq), id);
+        }
+    }
+
+    /// Marks done every confirmed id of `through`'s lane up to its position. A Redis failure is
+    /// returned, unless `--dedup-optional` turns it into a bypass.
+    async fn mark_through(&mut self, through: Position, progress: &Progress) -> Result<()> {
+        let due: Vec<(u32, u64)> = self
+            .unmarked
+            .range((through.lane, 0)..=(through.lane, through.seq))
+            .map(|(key, _)| *key)
+            .collect();
+        let ids: Vec<Vec<u8>> = due
+            .iter()
+            .filter_map(|key| self.unmarked.remove(key))
+            .collect();
+        let Some(store) = self.store.as_ref().filter(|_| !ids.is_empty()) else {
+            return Ok(());
+        };
+        match store.done(&ids).await {
+            Ok(()) => Ok(()),
+            Err(error) if self.optional => {
+                self.bypass(&error, progress);
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// `--dedup-optional` and Redis failed: forward the rest of the run without suppression, and
+    /// say so once.
+    fn bypass(&mut self, error: &Error, progress: &Progress) {
+        if self.store.take().is_some() {
+            let reason = error.to_string();
+            progress.emit(Event::Notice {
+                level: Level::Warn,
+                message: format!(
+                    "duplicate suppression is OFF for the rest of this forward (--dedup-optional): {reason}"
+                ),
+            });
+            self.bypassed = Some(reason);
+        }
+    }
+}
+
+/// Acknowledges on the source what became releasable (every `batch` messages of a lane, or
+/// everything with `flush`), marking the ids done first.
+async fn acknowledge_ready<S: Source>(
     source: &mut S,
     tracker: &mut AckTracker,
-    position: Position,
+    marks: &mut Marks,
+    failure: &mut Option<Error>,
+    progress: &Progress,
     batch: usize,
     flush: bool,
 ) -> Result<()> {
-    tracker.confirmed(position);
     for position in tracker.ready_to_ack(batch, flush) {
+        if let Err(error) = marks.mark_through(position, progress).await {
+            // Delivered but not remembered: still acknowledged, since a redelivery would
+            // certainly be a duplicate; the forward stops.
+            failure.get_or_insert(error);
+        }
         source.acknowledge(position).await?;
         tracker.acked(position);
     }
     Ok(())
-}
-
-/// `--dedup-optional` and Redis failed: forward the rest of the run without suppression, and say so once.
-fn bypass(
-    store: &mut Option<Store>,
-    bypassed: &mut Option<String>,
-    error: &Error,
-    progress: &Progress,
-) {
-    if store.take().is_some() {
-        let reason = error.to_string();
-        progress.emit(Event::Notice {
-            level: Level::Warn,
-            message: format!(
-                "duplicate suppression is OFF for the rest of this forward (--dedup-optional): {reason}"
-            ),
-        });
-        *bypassed = Some(reason);
-    }
 }
 
 fn rate(count: u64, elapsed: Duration) -> f64 {
@@ -665,5 +771,139 @@ mod tests {
         assert_eq!(tracker.ready_to_ack(1, true), vec![at(1, 7)]);
         tracker.confirmed(at(0, 10));
         assert_eq!(tracker.ready_to_ack(1, true), vec![at(0, 15), at(1, 7)]);
+    }
+
+    /// A source of `count` messages on lane 0 (positions 1..=count) that records what the
+    /// loop acknowledged and skipped.
+    struct ListSource {
+        next: u64,
+        count: u64,
+        log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Source for ListSource {
+        type Message = u64;
+
+        async fn receive(&mut self, _wait: Duration) -> Result<Option<u64>> {
+            if self.next > self.count {
+                return Ok(None);
+            }
+            self.next += 1;
+            Ok(Some(self.next - 1))
+        }
+
+        fn position(message: &u64) -> Position {
+            at(0, *message)
+        }
+
+        fn key<'m>(_message: &'m u64, _key: &KeySource) -> Option<&'m [u8]> {
+            None
+        }
+
+        async fn acknowledge(&mut self, position: Position) -> Result<()> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("ack {}", position.seq));
+            Ok(())
+        }
+
+        async fn skip(&mut self, message: &u64) -> Result<()> {
+            self.log.lock().unwrap().push(format!("skip {message}"));
+            Ok(())
+        }
+
+        async fn close(self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Confirms at once; even messages are skipped, multiples of 3 go to target 1.
+    struct EvenSkipper;
+
+    impl Sink for EvenSkipper {
+        type Message = u64;
+
+        fn fanout(&self) -> usize {
+            2
+        }
+
+        fn target_name(&self, _lane: u32, index: usize) -> String {
+            format!("t{index}")
+        }
+
+        fn route(&self, _lane: u32, message: &u64) -> Route {
+            match message {
+                m if m % 2 == 0 => Route::Skip,
+                m if m % 3 == 0 => Route::Target(1),
+                _ => Route::Target(0),
+            }
+        }
+
+        async fn send(
+            &mut self,
+            _lane: u32,
+            _index: usize,
+            _message: &u64,
+        ) -> Result<Confirmation> {
+            Ok(Box::pin(async { Ok(()) }))
+        }
+
+        async fn close(self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn settings() -> LoopSettings {
+        LoopSettings {
+            window: 10,
+            ack_batch: 1,
+            max_messages: None,
+            idle_timeout: Duration::from_millis(50),
+            rate_limit: None,
+            strategy: Strategy::RoundRobin,
+            key: KeySource::RoutingKey,
+            max_attempts: 1,
+            retry_backoff: Duration::from_millis(1),
+            shutdown_grace: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(1),
+            dedup: None,
+        }
+    }
+
+    use crate::broker::Confirmation;
+
+    #[tokio::test]
+    async fn skipped_messages_go_back_to_the_source_and_routes_pick_targets() {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = ListSource {
+            next: 1,
+            count: 7,
+            log: log.clone(),
+        };
+        let outcome = run(
+            source,
+            EvenSkipper,
+            &settings(),
+            &crate::progress::silent(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome.forwarded, 4);
+        assert_eq!(outcome.skipped, 3);
+        assert_eq!(outcome.returned_to_source, 0);
+        assert_eq!(outcome.per_target.get("t0"), Some(&3), "1, 5, 7");
+        assert_eq!(outcome.per_target.get("t1"), Some(&1), "3");
+        let log = log.lock().unwrap().clone();
+        for skipped in [2, 4, 6] {
+            assert!(log.contains(&format!("skip {skipped}")), "{log:?}");
+        }
+        // Skipped positions are not tracked: acknowledgements pass them, and the source is
+        // responsible for keeping them (RabbitMQ acks one by one past a held delivery).
+        assert!(log.contains(&"ack 7".to_string()), "{log:?}");
+        assert!(!log
+            .iter()
+            .any(|line| line == "ack 2" || line == "ack 4" || line == "ack 6"));
     }
 }

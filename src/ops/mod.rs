@@ -1,6 +1,7 @@
 //! The operations of the runbook, one module each; the CLI and playbooks both call these.
 
 pub mod dedup;
+pub mod dlq;
 pub mod drain;
 pub mod estimate;
 pub mod exec;

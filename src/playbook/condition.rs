@@ -114,10 +114,6 @@ impl Condition {
         })
     }
 
-    pub fn needs_consumers(&self) -> bool {
-        self.metric == Metric::Consumers
-    }
-
     /// `None` when the measure is unknown: unknown never satisfies a gate.
     pub fn holds(&self, snapshot: &Snapshot) -> Option<bool> {
         let side = match self.subject {

@@ -14,6 +14,7 @@ pub mod source;
 
 use crate::endpoint::{self, Target};
 use crate::error::Error;
+use crate::ops::dlq::DlqReplaySpec;
 use crate::ops::drain::{ExpandSpec, ForwardSpec, RestoreSpec, StopConsumersSpec, WatchSpec};
 use crate::ops::inspect::InspectSpec;
 use condition::Condition;
@@ -33,6 +34,7 @@ pub const OPERATIONS: &[&str] = &[
     "forward",
     "watch",
     "restore",
+    "dlq-replay",
     "stop-forward",
     "exec",
     "wait",
@@ -104,6 +106,7 @@ pub enum Operation {
     Forward(ForwardStep),
     Watch(WatchSpec),
     Restore(RestoreSpec),
+    DlqReplay(DlqReplaySpec),
     StopForward(StopForwardSpec),
     Exec(ExecSpec),
     Wait(WaitSpec),
@@ -119,6 +122,7 @@ impl Operation {
             Operation::Forward(_) => "forward",
             Operation::Watch(_) => "watch",
             Operation::Restore(_) => "restore",
+            Operation::DlqReplay(_) => "dlq-replay",
             Operation::StopForward(_) => "stop-forward",
             Operation::Exec(_) => "exec",
             Operation::Wait(_) => "wait",
@@ -966,6 +970,13 @@ impl Loader<'_> {
             }
             "watch" => Operation::Watch(self.typed(op, path, &resolved)?),
             "restore" => Operation::Restore(self.typed(op, path, &resolved)?),
+            "dlq-replay" => {
+                let spec: DlqReplaySpec = self.typed(op, path, &resolved)?;
+                if let Err(error) = crate::ops::dlq::validate_replay(&spec) {
+                    self.error_at(self.positions.key(path), error.to_string());
+                }
+                Operation::DlqReplay(spec)
+            }
             "stop-forward" => Operation::StopForward(self.typed(op, path, &resolved)?),
             "exec" => Operation::Exec(self.typed(op, path, &resolved)?),
             "approve" => Operation::Approve(self.typed(op, path, &resolved)?),

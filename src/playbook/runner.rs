@@ -9,6 +9,7 @@ use super::report::Collector;
 use super::{ApproveSpec, ExecSpec, Operation, Playbook, Step, StopForwardSpec, WaitSpec};
 use crate::endpoint::Target;
 use crate::error::{exit, Error, Result};
+use crate::ops::dlq;
 use crate::ops::drain::{self, ForwardOutcome, WatchSample, WatchSpec};
 use crate::ops::exec;
 use crate::ops::forward_loop::LoopOutcome;
@@ -615,6 +616,10 @@ impl Runner<'_> {
             Operation::Forward(_) => {
                 ResumePlan::Skip("finished in an earlier run; a forward is never repeated".into())
             }
+            // A second replay would send what died again since: a new decision, not a resume.
+            Operation::DlqReplay(_) => {
+                ResumePlan::Skip("finished in an earlier run; a replay is never repeated".into())
+            }
             Operation::StopForward(_) | Operation::Restore(_) | Operation::Exec(_) => {
                 ResumePlan::Skip("finished in an earlier run".into())
             }
@@ -920,6 +925,22 @@ impl Runner<'_> {
                     actions: outcome.actions.clone(),
                     result: json(&outcome),
                     ..Done::default()
+                })
+            }
+            Operation::DlqReplay(spec) => {
+                let outcome = dlq::replay(target, spec, dry_run, progress, cancel).await?;
+                Ok(Done {
+                    actions: outcome.actions.clone(),
+                    message: Some(format!(
+                        "{}: {} replayed, {} parked, {} left at the budget, {} skipped by the filter",
+                        if dry_run { "plan" } else { "done" },
+                        outcome.replayed,
+                        outcome.parked,
+                        outcome.kept_at_budget,
+                        outcome.skipped_by_filter
+                    )),
+                    result: json(&outcome),
+                    forwarded: outcome.result.clone(),
                 })
             }
             Operation::StopForward(spec) => self.stop_forward(spec).await,

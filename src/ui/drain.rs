@@ -3,6 +3,7 @@
 use crate::ops::drain::{
     ExpandOutcome, ForwardOutcome, RestoreOutcome, StopConsumersOutcome, WatchOutcome,
 };
+use crate::ops::exec::ExecOutcome;
 use crate::ops::inspect::human_secs;
 use std::fmt::Write;
 
@@ -15,14 +16,19 @@ fn actions(out: &mut String, dry_run: bool, actions: &[String]) {
     }
 }
 
-pub fn stop_consumers(outcome: &StopConsumersOutcome) -> String {
-    let mut out = format!("stop-consumers '{}'\n", outcome.name);
-    actions(&mut out, outcome.dry_run, &outcome.actions);
-    if let Some(exec) = &outcome.exec {
+/// The operator command's own output, so that what kubectl & co. said is not lost.
+fn exec_output(out: &mut String, exec: Option<&ExecOutcome>) {
+    if let Some(exec) = exec {
         for line in exec.stdout.lines().chain(exec.stderr.lines()) {
             let _ = writeln!(out, "  | {line}");
         }
     }
+}
+
+pub fn stop_consumers(outcome: &StopConsumersOutcome) -> String {
+    let mut out = format!("stop-consumers '{}'\n", outcome.name);
+    actions(&mut out, outcome.dry_run, &outcome.actions);
+    exec_output(&mut out, outcome.exec.as_ref());
     out
 }
 
@@ -117,5 +123,6 @@ pub fn watch(outcome: &WatchOutcome) -> String {
 pub fn restore(outcome: &RestoreOutcome) -> String {
     let mut out = format!("restore '{}'\n", outcome.name);
     actions(&mut out, outcome.dry_run, &outcome.actions);
+    exec_output(&mut out, outcome.exec.as_ref());
     out
 }

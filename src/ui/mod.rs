@@ -1,5 +1,6 @@
 //! The only layer that writes to the terminal: progress renderers and result views.
 
+pub mod dlq;
 pub mod drain;
 pub mod inspect;
 pub mod plan;

@@ -15,6 +15,7 @@ use super::forwarding::{
     FORWARDER_SESSION_TIMEOUT,
 };
 use super::inspect::{describe_group, unknown_group};
+use super::offsets::{read_offsets, PartitionOffsets};
 use crate::broker::KeySource;
 use crate::endpoint::KafkaTarget;
 use crate::error::{Error, Result};
@@ -38,8 +39,6 @@ const OBSERVER_GROUP: &str = "mqdrain-observer";
 const POLL: Duration = Duration::from_millis(500);
 /// How long a created or deleted topic may take to show in the metadata.
 const TOPIC_SETTLE: Duration = Duration::from_secs(15);
-/// After SIGINT/SIGTERM the forwarder waits this long for outstanding deliveries.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Watch never samples faster than this, whatever `--interval` says.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Expand --force reads the committed offsets of at most this many groups to decide whether
@@ -192,28 +191,6 @@ async fn await_topic(
     }
 }
 
-/// Offsets of one partition, and of a group on it.
-#[derive(Debug, Clone)]
-struct PartitionOffsets {
-    partition: i32,
-    low: i64,
-    high: i64,
-    /// The group's committed offset; `None` when it never committed (or no group was asked).
-    committed: Option<i64>,
-}
-
-impl PartitionOffsets {
-    /// Where the group's next consumer starts: its committed offset, or the oldest message
-    /// (the forwarder's `auto.offset.reset`; also a temporary group that never committed).
-    fn consumed_up_to(&self) -> i64 {
-        self.committed.unwrap_or(self.low).max(self.low)
-    }
-
-    fn lag(&self) -> u64 {
-        u64::try_from(self.high - self.consumed_up_to()).unwrap_or(0)
-    }
-}
-
 fn total_lag(offsets: &[PartitionOffsets]) -> u64 {
     offsets.iter().map(PartitionOffsets::lag).sum()
 }
@@ -223,69 +200,6 @@ fn committed_map(offsets: &[PartitionOffsets]) -> BTreeMap<i32, i64> {
         .iter()
         .filter_map(|p| p.committed.map(|offset| (p.partition, offset)))
         .collect()
-}
-
-/// Watermarks of every partition and, with `with_group`, the committed offsets of the
-/// observer's group.
-async fn read_offsets(
-    target: &KafkaTarget,
-    observer: &Arc<BaseConsumer>,
-    topic: &str,
-    partitions: &[i32],
-    with_group: bool,
-) -> Result<Vec<PartitionOffsets>> {
-    let consumer = Arc::clone(observer);
-    let topic = topic.to_string();
-    let partitions = partitions.to_vec();
-    let target = target.clone();
-    blocking(move || {
-        let committed = if with_group {
-            let mut list = TopicPartitionList::new();
-            for &partition in &partitions {
-                list.add_partition(&topic, partition);
-            }
-            Some(
-                consumer
-                    .committed_offsets(list, REQUEST_TIMEOUT)
-                    .map_err(|error| {
-                        request_error(
-                            &target,
-                            &format!("reading committed offsets on topic '{topic}'"),
-                            &error,
-                        )
-                    })?,
-            )
-        } else {
-            None
-        };
-        let mut offsets = Vec::with_capacity(partitions.len());
-        for &partition in &partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
-                .map_err(|error| {
-                    request_error(
-                        &target,
-                        &format!("reading the watermarks of '{topic}' partition {partition}"),
-                        &error,
-                    )
-                })?;
-            let committed = committed
-                .as_ref()
-                .and_then(|list| list.find_partition(&topic, partition))
-                .and_then(|element| match element.offset() {
-                    Offset::Offset(offset) if offset >= 0 => Some(offset),
-                    _ => None,
-                });
-            offsets.push(PartitionOffsets {
-                partition,
-                low,
-                high,
-                committed,
-            });
-        }
-        Ok(offsets)
-    })
-    .await
 }
 
 /// The group's members as `ClientRef`s (Nisshi reports member ids only: empty client id and
@@ -395,18 +309,14 @@ pub async fn stop_consumers(
         });
     }
 
-    let exec = match &spec.exec {
-        Some(command) => {
-            notice(progress, Level::Info, format!("running `{command}`"));
-            let outcome = exec::run(command, spec.exec_timeout, &[], 0).await?;
-            actions.push(format!(
-                "ran `{command}`: exit code 0 in {:.1}s",
-                outcome.duration_secs
-            ));
-            Some(outcome)
-        }
-        None => None,
-    };
+    let exec = exec::operator_command(
+        spec.exec.as_deref(),
+        spec.exec_timeout,
+        false,
+        progress,
+        &mut actions,
+    )
+    .await?;
 
     // Empty twice in a row, so a consumer that is just rejoining is not missed.
     let waited = Instant::now();
@@ -895,22 +805,6 @@ fn validate_forward(spec: &ForwardSpec) -> Result<()> {
     Ok(())
 }
 
-fn loop_settings(spec: &ForwardSpec, key: KeySource, dedup: Option<Dedup>) -> LoopSettings {
-    LoopSettings {
-        window: spec.confirm_window,
-        ack_batch: spec.ack_batch,
-        max_messages: spec.max_messages,
-        idle_timeout: spec.idle_timeout.unwrap_or(Duration::MAX),
-        rate_limit: spec.rate_limit,
-        strategy: spec.strategy,
-        key,
-        max_attempts: spec.max_attempts,
-        retry_backoff: Duration::from_millis(500),
-        shutdown_grace: SHUTDOWN_GRACE,
-        dedup,
-    }
-}
-
 fn strategy_name(strategy: Strategy, key: &KeySource) -> String {
     match strategy {
         Strategy::RoundRobin => "round-robin within each block".to_string(),
@@ -1151,7 +1045,7 @@ pub async fn forward(
     let result = forward_loop::run(
         source_side,
         sink,
-        &loop_settings(spec, key, dedup),
+        &LoopSettings::from_spec(spec, key, dedup),
         progress,
         cancel,
     )
@@ -1277,34 +1171,68 @@ pub async fn watch(
             ),
         );
     }
-    let interval = spec.interval.max(MIN_INTERVAL);
-    let watch_started = Instant::now();
-    let mut previous: Option<Reading> = None;
-    let mut samples = 0;
-    let mut drained_in_a_row = 0;
-    loop {
+    let sampler = TopicWatch {
+        target: target.clone(),
+        group: group.to_string(),
+        temp_group: temp_group.map(str::to_string),
+        topic: spec.name.clone(),
+        temp,
+        source_observer,
+        temp_observer,
+        source_partitions: source.partitions,
+        temp_partitions: temp_meta.partitions,
+        previous: None,
+    };
+    watch_with(
+        spec,
+        spec.interval.max(MIN_INTERVAL),
+        sampler,
+        progress,
+        cancel,
+        on_sample,
+    )
+    .await
+}
+
+/// Samples the original group's lag on the source and the temporary group's lag per temporary
+/// partition; rates come from the difference to the previous reading.
+struct TopicWatch {
+    target: KafkaTarget,
+    group: String,
+    temp_group: Option<String>,
+    topic: String,
+    temp: String,
+    source_observer: Arc<BaseConsumer>,
+    temp_observer: Arc<BaseConsumer>,
+    source_partitions: Vec<i32>,
+    temp_partitions: Vec<i32>,
+    previous: Option<Reading>,
+}
+
+impl WatchSampler for TopicWatch {
+    async fn sample(&mut self) -> Result<(Backlog, Vec<Backlog>)> {
+        let temp_group = self.temp_group.as_deref();
         let reading = Reading {
             source: read_offsets(
-                target,
-                &source_observer,
-                &spec.name,
-                &source.partitions,
+                &self.target,
+                &self.source_observer,
+                &self.topic,
+                &self.source_partitions,
                 true,
             )
             .await?,
             temp: read_offsets(
-                target,
-                &temp_observer,
-                &temp,
-                &temp_meta.partitions,
+                &self.target,
+                &self.temp_observer,
+                &self.temp,
+                &self.temp_partitions,
                 temp_group.is_some(),
             )
             .await?,
             at: Instant::now(),
         };
-        let secs = previous
-            .as_ref()
-            .map(|before| reading.at.duration_since(before.at).as_secs_f64());
+        let previous = self.previous.as_ref();
+        let secs = previous.map(|before| reading.at.duration_since(before.at).as_secs_f64());
         let sum = |offsets: &[PartitionOffsets]| -> (i64, Option<i64>) {
             (
                 offsets.iter().map(|p| p.high).sum(),
@@ -1312,10 +1240,10 @@ pub async fn watch(
             )
         };
         let source_backlog = backlog(
-            spec.name.clone(),
+            self.topic.clone(),
             Some(total_lag(&reading.source)),
             sum(&reading.source),
-            previous.as_ref().zip(secs).map(|(before, secs)| {
+            previous.zip(secs).map(|(before, secs)| {
                 let (high, consumed) = sum(&before.source);
                 (high, consumed, secs)
             }),
@@ -1325,7 +1253,7 @@ pub async fn watch(
             .iter()
             .map(|partition| {
                 let consumed = temp_group.map(|_| partition.consumed_up_to());
-                let before = previous.as_ref().zip(secs).and_then(|(before, secs)| {
+                let before = previous.zip(secs).and_then(|(before, secs)| {
                     before
                         .temp
                         .iter()
@@ -1334,7 +1262,7 @@ pub async fn watch(
                 });
                 backlog(
                     partition_name(
-                        &temp,
+                        &self.temp,
                         usize::try_from(partition.partition).unwrap_or_default(),
                     ),
                     temp_group.map(|_| partition.lag()),
@@ -1343,73 +1271,26 @@ pub async fn watch(
                 )
             })
             .collect();
-        let total = std::iter::once(&source_backlog)
-            .chain(temporary.iter())
-            .map(|backlog| backlog.depth)
-            .sum::<Option<u64>>();
-        let sample = WatchSample {
-            at_secs: watch_started.elapsed().as_secs_f64(),
-            source: source_backlog,
-            temporary,
-            total,
-        };
-        for backlog in std::iter::once(&sample.source).chain(sample.temporary.iter()) {
-            progress.emit(Event::Backlog {
-                name: backlog.name.clone(),
-                depth: backlog.depth,
-                in_rate: backlog.in_rate,
-                out_rate: backlog.out_rate,
-                eta_secs: backlog.eta_secs,
-            });
-        }
-        on_sample(&sample);
-        samples += 1;
-        drained_in_a_row = if total == Some(0) {
-            drained_in_a_row + 1
-        } else {
-            0
-        };
-        previous = Some(reading);
-        if spec.until_drained && drained_in_a_row >= 2 {
-            finished(progress, "watch");
-            return Ok(WatchOutcome {
-                name: spec.name.clone(),
-                drained: true,
-                samples,
-                last: Some(sample),
-            });
-        }
-        if let Some(timeout) = spec.timeout {
-            if watch_started.elapsed() >= timeout {
-                finished(progress, "watch");
-                return Err(Error::Timeout(format!(
-                    "after {}, group '{group}' still lags {} on '{}' and {} on '{temp}'; raise --timeout, or add consumers to the temporary group",
-                    duration_text(timeout),
-                    sample.source.depth.unwrap_or_default(),
-                    spec.name,
-                    temp_group.map_or_else(
-                        || "an unknown backlog (no --temp-group)".to_string(),
-                        |g| format!(
-                            "group '{g}' lags {}",
-                            sample.temporary.iter().filter_map(|b| b.depth).sum::<u64>()
-                        )
-                    ),
-                )));
-            }
-        }
-        let next = spec
-            .timeout
-            .map_or(interval, |timeout| {
-                interval.min(timeout.saturating_sub(watch_started.elapsed()))
-            })
-            .max(Duration::from_millis(10));
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                finished(progress, "watch");
-                return Err(Error::Cancelled);
-            }
-            _ = tokio::time::sleep(next) => {}
-        }
+        self.previous = Some(reading);
+        Ok((source_backlog, temporary))
+    }
+
+    fn timeout_message(&self, last: &WatchSample, timeout: Duration) -> String {
+        format!(
+            "after {}, group '{}' still lags {} on '{}' and {} on '{}'; raise --timeout, or add consumers to the temporary group",
+            duration_text(timeout),
+            self.group,
+            last.source.depth.unwrap_or_default(),
+            self.topic,
+            self.temp_group.as_deref().map_or_else(
+                || "an unknown backlog (no --temp-group)".to_string(),
+                |g| format!(
+                    "group '{g}' lags {}",
+                    last.temporary.iter().filter_map(|b| b.depth).sum::<u64>()
+                )
+            ),
+            self.temp
+        )
     }
 }
 
@@ -1494,11 +1375,20 @@ pub async fn restore(
                 }
             }
         }
+        // The original consumers still need their restart, e.g. on a rerun after a crash.
+        let exec = exec::operator_command(
+            spec.exec.as_deref(),
+            spec.exec_timeout,
+            dry_run,
+            progress,
+            &mut actions,
+        )
+        .await?;
         finished(progress, "restore");
         return Ok(RestoreOutcome {
             name: spec.name.clone(),
             dry_run,
-            exec: None,
+            exec,
             deleted,
             actions,
         });
@@ -1575,18 +1465,14 @@ pub async fn restore(
         )));
     }
 
-    let exec = match &spec.exec {
-        Some(command) => {
-            notice(progress, Level::Info, format!("running `{command}`"));
-            let outcome = exec::run(command, spec.exec_timeout, &[], 0).await?;
-            actions.push(format!(
-                "ran `{command}`: exit code 0 in {:.1}s",
-                outcome.duration_secs
-            ));
-            Some(outcome)
-        }
-        None => None,
-    };
+    let exec = exec::operator_command(
+        spec.exec.as_deref(),
+        spec.exec_timeout,
+        false,
+        progress,
+        &mut actions,
+    )
+    .await?;
 
     // Wait for the temporary group (bounded by --wait), then read once more right before
     // deleting, so nothing that arrived meanwhile is deleted unconsumed.

@@ -315,6 +315,15 @@ impl Source for KafkaSource {
         Ok(())
     }
 
+    /// Kafka keeps every record whatever a group commits, so a skipped record stays in the
+    /// topic; but offsets are one position per partition, so the group's commit passes it once a
+    /// later record of its partition is acknowledged. A later run under the same group does not
+    /// see it again (a run under a new group does). Holding the commit back instead would make
+    /// every rerun re-read, and send again, all that was forwarded after it.
+    async fn skip(&mut self, _message: &OwnedMessage) -> Result<()> {
+        Ok(())
+    }
+
     async fn close(self) -> Result<()> {
         self.consumer
             .context()
@@ -420,7 +429,7 @@ fn block_partition(lane: u32, index: usize, fanout: usize, partitions: usize) ->
         .flatten()
 }
 
-fn retryable(error: &KafkaError) -> bool {
+pub(crate) fn retryable(error: &KafkaError) -> bool {
     !matches!(
         error.rdkafka_error_code(),
         Some(
@@ -547,14 +556,14 @@ impl KafkaSink {
         Ok(Box::pin(async move {
             match delivery.await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err((error, _))) => Err(Refusal {
-                    reason: error.to_string(),
-                    retryable: retryable(&error),
+                Ok(Err((error, _))) => Err(if retryable(&error) {
+                    Refusal::retry(error.to_string())
+                } else {
+                    Refusal::fatal(error.to_string())
                 }),
-                Err(_) => Err(Refusal {
-                    reason: "the producer shut down before the broker confirmed".to_string(),
-                    retryable: false,
-                }),
+                Err(_) => Err(Refusal::fatal(
+                    "the producer shut down before the broker confirmed",
+                )),
             }
         }))
     }

@@ -1,6 +1,7 @@
 //! Observing one Kafka topic and a consumer group over a sampling window: watermarks, offsets, lag.
 
 use super::client::{self, blocking, request_error, REQUEST_TIMEOUT};
+use super::offsets::read_offsets;
 use crate::endpoint::KafkaTarget;
 use crate::error::{Error, Result};
 use crate::ops::estimate::{self, Sample};
@@ -8,7 +9,6 @@ use crate::ops::inspect::{GroupMember, InspectSpec, PartitionReport, TopicReport
 use crate::progress::{Event, Level, Progress};
 use rdkafka::admin::ResourceSpecifier;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -195,52 +195,22 @@ async fn read_partitions(
     partitions: &[i32],
     with_group: bool,
 ) -> Result<Reading> {
-    let consumer = Arc::clone(consumer);
-    let topic = topic.to_string();
-    let partitions = partitions.to_vec();
-    let target = target.clone();
-    blocking(move || {
-        let committed = if with_group {
-            let mut list = TopicPartitionList::new();
-            for &partition in &partitions {
-                list.add_partition(&topic, partition);
-            }
-            Some(
-                consumer
-                    .committed_offsets(list, REQUEST_TIMEOUT)
-                    .map_err(|error| request_error(&target, "reading committed offsets", &error))?,
-            )
-        } else {
-            None
-        };
-        let mut reports = Vec::with_capacity(partitions.len());
-        for &partition in &partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
-                .map_err(|error| request_error(&target, "reading watermarks", &error))?;
-            let committed = committed
-                .as_ref()
-                .and_then(|list| list.find_partition(&topic, partition))
-                .and_then(|element| match element.offset() {
-                    Offset::Offset(offset) if offset >= 0 => Some(offset),
-                    _ => None,
-                });
-            // Below the low watermark the deleted messages cannot be consumed any more.
-            let lag = committed.map(|offset| (high - offset.max(low)).max(0) as u64);
-            reports.push(PartitionReport {
-                partition,
-                low,
-                high,
-                committed,
-                lag,
-            });
-        }
-        Ok(Reading {
-            at: Instant::now(),
-            partitions: reports,
+    let offsets = read_offsets(target, consumer, topic, partitions, with_group).await?;
+    let partitions = offsets
+        .into_iter()
+        .map(|offsets| PartitionReport {
+            partition: offsets.partition,
+            low: offsets.low,
+            high: offsets.high,
+            committed: offsets.committed,
+            // Unknown without a commit: the group starts wherever its auto.offset.reset says.
+            lag: offsets.committed.map(|_| offsets.lag()),
         })
+        .collect();
+    Ok(Reading {
+        at: Instant::now(),
+        partitions,
     })
-    .await
 }
 
 /// The group's state and members as the group coordinator reports them.

@@ -4,7 +4,7 @@
 //! any step can run from another machine or after a crash.
 
 use super::amqp::{self, CONNECTION_NAME_PREFIX};
-use super::forwarding::{QueueSink, QueueSource};
+use super::forwarding::{QueueSink, QueueSource, FORWARD_CONSUMER_TAG};
 use super::management::{ConnectionInfo, Management, QueueDetail};
 use super::settings;
 use crate::broker::KeySource;
@@ -28,8 +28,6 @@ const STATS_SETTLE: Duration = Duration::from_millis(5500);
 const POLL: Duration = Duration::from_secs(1);
 /// Connection-name prefix of a running forwarder, which restore must not find on the source.
 const FORWARD_CONNECTION: &str = "mqdrain forward ";
-/// After SIGINT/SIGTERM the forwarder waits this long for outstanding confirms.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub fn temp_prefix(name: &str, temp: Option<&str>) -> String {
     temp.map_or_else(|| format!("{name}.drain"), str::to_string)
@@ -114,43 +112,22 @@ pub async fn stop_consumers(
     let api = management(target)?;
     let mut actions = Vec::new();
     let consumers = foreign_consumers(&api, target, &spec.name).await?;
-    let mut exec_outcome = None;
-    if let Some(command) = &spec.exec {
-        if dry_run {
-            actions.push(format!(
-                "would run `{command}` (timeout {})",
-                humantime::format_duration(spec.exec_timeout)
-            ));
-        } else {
-            progress.emit(Event::Notice {
-                level: Level::Info,
-                message: format!("running `{command}`"),
-            });
-            let outcome = exec::run(command, spec.exec_timeout, &[], 0).await?;
-            actions.push(format!(
-                "ran `{command}`: exit code 0 in {:.1}s",
-                outcome.duration_secs
-            ));
-            exec_outcome = Some(outcome);
-        }
-    }
+    let exec_outcome = exec::operator_command(
+        spec.exec.as_deref(),
+        spec.exec_timeout,
+        dry_run,
+        progress,
+        &mut actions,
+    )
+    .await?;
+    let mut closed: Vec<String> = Vec::new();
     if spec.close_connections {
-        let mut closed: Vec<&str> = Vec::new();
-        for consumer in &consumers {
-            if closed.contains(&consumer.id.as_str()) {
-                continue;
-            }
-            closed.push(&consumer.id);
-            if dry_run {
+        if dry_run {
+            for consumer in &consumers {
                 actions.push(format!("would close connection {consumer}"));
-            } else {
-                api.close_connection(
-                    &consumer.id,
-                    &format!("mqdrain stop-consumers: draining queue '{}'", spec.name),
-                )
-                .await?;
-                actions.push(format!("closed connection {consumer}"));
             }
+        } else {
+            close_new_connections(&api, &spec.name, &consumers, &mut closed, &mut actions).await?;
         }
     }
     if dry_run {
@@ -178,6 +155,10 @@ pub async fn stop_consumers(
     let mut zero_since: Option<Instant> = None;
     let remaining = loop {
         let foreign = foreign_consumers(&api, target, &spec.name).await?;
+        // Consumers that show up late in the statistics, or reconnect, are closed as they appear.
+        if spec.close_connections {
+            close_new_connections(&api, &spec.name, &foreign, &mut closed, &mut actions).await?;
+        }
         // queue.declare counts every consumer in real time; the management list lags but names them.
         let live = amqp::passive_declare(&connection, target, &spec.name)
             .await?
@@ -227,6 +208,29 @@ pub async fn stop_consumers(
         actions,
         remaining,
     })
+}
+
+/// Closes the connections of `consumers` not closed before; each close is recorded in `actions`.
+async fn close_new_connections(
+    api: &Management,
+    queue: &str,
+    consumers: &[ClientRef],
+    closed: &mut Vec<String>,
+    actions: &mut Vec<String>,
+) -> Result<()> {
+    for consumer in consumers {
+        if closed.contains(&consumer.id) {
+            continue;
+        }
+        api.close_connection(
+            &consumer.id,
+            &format!("mqdrain stop-consumers: draining queue '{queue}'"),
+        )
+        .await?;
+        closed.push(consumer.id.clone());
+        actions.push(format!("closed connection {consumer}"));
+    }
+    Ok(())
 }
 
 /// What a temporary queue is declared with, and what was left out.
@@ -484,22 +488,6 @@ pub fn validate_window(spec: &ForwardSpec) -> Result<()> {
     Ok(())
 }
 
-pub fn loop_settings(spec: &ForwardSpec, key: KeySource, dedup: Option<Dedup>) -> LoopSettings {
-    LoopSettings {
-        window: spec.confirm_window,
-        ack_batch: spec.ack_batch,
-        max_messages: spec.max_messages,
-        idle_timeout: spec.idle_timeout.unwrap_or(Duration::MAX),
-        rate_limit: spec.rate_limit,
-        strategy: spec.strategy,
-        key,
-        max_attempts: spec.max_attempts,
-        retry_backoff: Duration::from_millis(500),
-        shutdown_grace: SHUTDOWN_GRACE,
-        dedup,
-    }
-}
-
 pub async fn forward(
     target: &RabbitTarget,
     spec: &ForwardSpec,
@@ -600,7 +588,7 @@ pub async fn forward(
     let outcome = forward_loop::run(
         queue_source,
         sink,
-        &loop_settings(spec, key, dedup),
+        &LoopSettings::from_spec(spec, key, dedup),
         progress,
         cancel,
     )
@@ -666,6 +654,39 @@ fn backlog_event(detail: &QueueDetail) -> Event {
     }
 }
 
+/// Samples the source queue and the temporary queues found by name (re-listed every sample, so
+/// queues created or removed meanwhile show up).
+struct QueueWatch {
+    api: Management,
+    target: RabbitTarget,
+    queue: String,
+    prefix: String,
+}
+
+impl WatchSampler for QueueWatch {
+    async fn sample(&mut self) -> Result<(Backlog, Vec<Backlog>)> {
+        let temp = find_temp_queues(&self.api, &self.target, &self.prefix).await?;
+        let source = backlog_of(&queue_detail(&self.api, &self.target, &self.queue).await?);
+        let mut temporary = Vec::new();
+        for (_, name) in &temp {
+            if let Some(detail) = self.api.queue(&self.target.vhost, name).await? {
+                temporary.push(backlog_of(&detail));
+            }
+        }
+        Ok((source, temporary))
+    }
+
+    fn timeout_message(&self, last: &WatchSample, timeout: Duration) -> String {
+        format!(
+            "queue '{}' and its temporary queues still hold {} messages after {}; raise --timeout or add consumers",
+            self.queue,
+            last.total
+                .map_or_else(|| "an unknown number of".to_string(), |total| total.to_string()),
+            humantime::format_duration(timeout)
+        )
+    }
+}
+
 pub async fn watch(
     target: &RabbitTarget,
     spec: &WatchSpec,
@@ -683,77 +704,13 @@ pub async fn watch(
             spec.name
         ),
     });
-    let started = Instant::now();
-    let mut samples = 0;
-    let mut empty_in_a_row = 0;
-    loop {
-        let temp = find_temp_queues(&api, target, &prefix).await?;
-        let source = backlog_of(&queue_detail(&api, target, &spec.name).await?);
-        let mut temporary = Vec::new();
-        for (_, name) in &temp {
-            if let Some(detail) = api.queue(&target.vhost, name).await? {
-                temporary.push(backlog_of(&detail));
-            }
-        }
-        let total = std::iter::once(&source)
-            .chain(temporary.iter())
-            .map(|backlog| backlog.depth)
-            .sum::<Option<u64>>();
-        let sample = WatchSample {
-            at_secs: started.elapsed().as_secs_f64(),
-            source,
-            temporary,
-            total,
-        };
-        for backlog in std::iter::once(&sample.source).chain(sample.temporary.iter()) {
-            progress.emit(Event::Backlog {
-                name: backlog.name.clone(),
-                depth: backlog.depth,
-                in_rate: backlog.in_rate,
-                out_rate: backlog.out_rate,
-                eta_secs: backlog.eta_secs,
-            });
-        }
-        on_sample(&sample);
-        samples += 1;
-        empty_in_a_row = if total == Some(0) {
-            empty_in_a_row + 1
-        } else {
-            0
-        };
-        let last = Some(sample);
-        if spec.until_drained && empty_in_a_row >= 2 {
-            progress.emit(Event::StepFinished {
-                step: "watch".into(),
-            });
-            return Ok(WatchOutcome {
-                name: spec.name.clone(),
-                drained: true,
-                samples,
-                last,
-            });
-        }
-        if let Some(timeout) = spec.timeout {
-            if started.elapsed() >= timeout {
-                progress.emit(Event::StepFinished {
-                    step: "watch".into(),
-                });
-                return Err(Error::Timeout(format!(
-                    "queue '{}' and its temporary queues still hold {} messages after {}; raise --timeout or add consumers",
-                    spec.name,
-                    last.as_ref().and_then(|s| s.total).map_or_else(|| "an unknown number of".to_string(), |t| t.to_string()),
-                    humantime::format_duration(timeout)
-                )));
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                progress.emit(Event::StepFinished { step: "watch".into() });
-                return Err(Error::Cancelled);
-            }
-            _ = tokio::time::sleep(spec.interval) => {}
-        }
-    }
+    let sampler = QueueWatch {
+        api,
+        target: target.clone(),
+        queue: spec.name.clone(),
+        prefix,
+    };
+    watch_with(spec, spec.interval, sampler, progress, cancel, on_sample).await
 }
 
 /// Why a temporary queue may not be deleted yet, or `None` when it is empty and unused.
@@ -811,10 +768,19 @@ pub async fn restore(
         actions.push(format!(
             "nothing to restore: no temporary queues '{prefix}.<i>' exist"
         ));
+        // The original consumers still need their restart, e.g. on a rerun after a crash.
+        let exec = exec::operator_command(
+            spec.exec.as_deref(),
+            spec.exec_timeout,
+            dry_run,
+            progress,
+            &mut actions,
+        )
+        .await?;
         return Ok(RestoreOutcome {
             name: spec.name.clone(),
             dry_run,
-            exec: None,
+            exec,
             deleted: Vec::new(),
             actions,
         });
@@ -831,21 +797,14 @@ pub async fn restore(
             forwarders.join(", ")
         )));
     }
-    let mut exec_outcome = None;
-    if let Some(command) = &spec.exec {
-        if dry_run {
-            actions.push(format!(
-                "would run `{command}` to restart the original consumers"
-            ));
-        } else {
-            let outcome = exec::run(command, spec.exec_timeout, &[], 0).await?;
-            actions.push(format!(
-                "ran `{command}`: exit code 0 in {:.1}s",
-                outcome.duration_secs
-            ));
-            exec_outcome = Some(outcome);
-        }
-    }
+    let exec_outcome = exec::operator_command(
+        spec.exec.as_deref(),
+        spec.exec_timeout,
+        dry_run,
+        progress,
+        &mut actions,
+    )
+    .await?;
     let connection = amqp::connect(target, &format!("restore {}", spec.name)).await?;
     let deadline = spec.wait.map(|wait| Instant::now() + wait);
     let mut clean_since: Option<Instant> = None;
@@ -971,11 +930,20 @@ async fn forwarders_on(
         .consumer_details
         .iter()
         .filter_map(|consumer| {
-            let broker_name = consumer.channel_details.connection_name.as_deref()?;
-            let client = names.get(broker_name)?;
-            client.starts_with(FORWARD_CONNECTION).then(|| {
+            let client = consumer
+                .channel_details
+                .connection_name
+                .as_deref()
+                .and_then(|broker_name| names.get(broker_name).copied());
+            let by_connection = client.is_some_and(|client| client.starts_with(FORWARD_CONNECTION));
+            let by_tag = consumer
+                .consumer_tag
+                .as_deref()
+                .is_some_and(|tag| tag.starts_with(FORWARD_CONSUMER_TAG));
+            (by_connection || by_tag).then(|| {
                 format!(
-                    "'{client}' from {}",
+                    "'{}' from {}",
+                    client.unwrap_or(FORWARD_CONSUMER_TAG),
                     consumer.channel_details.peer_host.as_deref().unwrap_or("?")
                 )
             })

@@ -12,9 +12,14 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, Consumer};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// Headers recording where a forwarded message was first published.
+/// Consumer-tag prefix of a forwarder: seen in the queue's consumer list at once, while the
+/// connection's client name can lag behind in the management statistics.
+pub const FORWARD_CONSUMER_TAG: &str = "mqdrain-forward";
+
 pub const ORIGINAL_EXCHANGE_HEADER: &str = "x-mqdrain-original-exchange";
 pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-mqdrain-original-routing-key";
 
@@ -24,6 +29,11 @@ pub struct QueueSource {
     consumer_tag: String,
     queue: String,
     target: RabbitTarget,
+    /// Deliveries the loop skipped: held unacknowledged until `close` requeues them. Requeueing
+    /// at once would hand them straight back to this consumer, again and again.
+    held: BTreeSet<u64>,
+    /// Every delivery tag up to this one is acknowledged (tags on the channel are consecutive).
+    acked_up_to: u64,
 }
 
 impl QueueSource {
@@ -33,6 +43,17 @@ impl QueueSource {
         queue: &str,
         prefetch: u16,
     ) -> Result<Self> {
+        Self::open_tagged(connection, target, queue, prefetch, FORWARD_CONSUMER_TAG).await
+    }
+
+    /// Like `open`, with the consumer tag's prefix naming the operation (`mqdrain-dlq-replay`).
+    pub async fn open_tagged(
+        connection: &Connection,
+        target: &RabbitTarget,
+        queue: &str,
+        prefetch: u16,
+        tag_prefix: &str,
+    ) -> Result<Self> {
         let channel = connection
             .create_channel()
             .await
@@ -41,7 +62,7 @@ impl QueueSource {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(|error| connection_error(target, &error))?;
-        let consumer_tag = format!("mqdrain-forward-{}", std::process::id());
+        let consumer_tag = format!("{tag_prefix}-{}", std::process::id());
         let consumer = channel
             .basic_consume(
                 queue.into(),
@@ -57,7 +78,16 @@ impl QueueSource {
             consumer_tag,
             queue: queue.to_string(),
             target: target.clone(),
+            held: BTreeSet::new(),
+            acked_up_to: 0,
         })
+    }
+
+    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
+        self.channel
+            .basic_ack(tag, BasicAckOptions { multiple })
+            .await
+            .map_err(|error| channel_error(&self.target, &self.queue, &error))
     }
 }
 
@@ -133,14 +163,21 @@ impl Source for QueueSource {
     }
 
     async fn acknowledge(&mut self, position: Position) -> Result<()> {
-        self.channel
-            .basic_ack(position.seq, BasicAckOptions { multiple: true })
-            .await
-            .map_err(|error| channel_error(&self.target, &self.queue, &error))
+        for (tag, multiple) in ack_plan(self.acked_up_to, position.seq, &self.held) {
+            self.ack(tag, multiple).await?;
+        }
+        self.acked_up_to = self.acked_up_to.max(position.seq);
+        Ok(())
+    }
+
+    async fn skip(&mut self, message: &Delivery) -> Result<()> {
+        self.held.insert(message.delivery_tag);
+        Ok(())
     }
 
     async fn close(self) -> Result<()> {
-        // Closing the channel returns every unacknowledged delivery to the queue.
+        // Closing the channel returns every unacknowledged delivery to the queue, held
+        // (skipped) ones included; a classic queue puts them back in their old places.
         let _ = self
             .channel
             .basic_cancel(
@@ -155,6 +192,31 @@ impl Source for QueueSource {
                 lapin::ErrorKind::InvalidChannelState(..) => Ok(()),
                 _ => Err(connection_error(&self.target, &error)),
             })
+    }
+}
+
+/// The `basic.ack`s (tag, multiple) that remove every delivery after `acked_up_to` up to and
+/// including `upto` except the held ones. `multiple` would also remove a held delivery below the
+/// tag, so past the lowest held delivery each tag is acknowledged on its own.
+fn ack_plan(acked_up_to: u64, upto: u64, held: &BTreeSet<u64>) -> Vec<(u64, bool)> {
+    if upto <= acked_up_to {
+        return Vec::new();
+    }
+    let from = acked_up_to + 1;
+    match held.first().copied().filter(|&lowest| lowest <= upto) {
+        None => vec![(upto, true)],
+        Some(lowest) => {
+            let mut plan = Vec::new();
+            if lowest > from {
+                plan.push((lowest - 1, true));
+            }
+            plan.extend(
+                (from.max(lowest + 1)..=upto)
+                    .filter(|tag| !held.contains(tag))
+                    .map(|tag| (tag, false)),
+            );
+            plan
+        }
     }
 }
 
@@ -260,29 +322,61 @@ impl QueueSink {
             )
             .await
             .map_err(|error| channel_error(&self.target, queue, &error))?;
-        Ok(Box::pin(async move {
-            match confirm.await {
-                Ok(lapin::Confirmation::Ack(None)) => Ok(()),
-                Ok(lapin::Confirmation::Ack(Some(returned))) => Err(Refusal {
-                    reason: format!(
-                        "the broker returned it as unroutable ({} {}): the queue does not exist",
-                        returned.reply_code, returned.reply_text
-                    ),
-                    retryable: true,
-                }),
-                Ok(lapin::Confirmation::Nack(_)) => Err(Refusal {
-                    reason: "the broker nacked it (queue full with reject-publish, or an internal error)".to_string(),
-                    retryable: true,
-                }),
-                Ok(lapin::Confirmation::NotRequested) => Err(Refusal {
-                    reason: "publisher confirms were not enabled".to_string(),
-                    retryable: false,
-                }),
-                Err(error) => Err(Refusal {
-                    reason: format!("the publishing channel failed: {error}"),
-                    retryable: false,
-                }),
+        Ok(confirmation(confirm))
+    }
+}
+
+/// What the loop awaits for one publish: the broker's confirm, a return or nack as a refusal.
+pub fn confirmation(confirm: lapin::PublisherConfirm) -> Confirmation {
+    Box::pin(async move {
+        match confirm.await {
+            Ok(lapin::Confirmation::Ack(None)) => Ok(()),
+            Ok(
+                lapin::Confirmation::Ack(Some(returned)) | lapin::Confirmation::Nack(Some(returned)),
+            ) => Err(Refusal::unattributable(format!(
+                "the broker returned a message for queue '{}' as unroutable ({} {}): the queue does not exist any more",
+                returned.routing_key, returned.reply_code, returned.reply_text
+            ))),
+            Ok(lapin::Confirmation::Nack(None)) => Err(Refusal::retry(
+                "the broker nacked it (queue full with reject-publish, or an internal error)",
+            )),
+            Ok(lapin::Confirmation::NotRequested) => {
+                Err(Refusal::fatal("publisher confirms were not enabled"))
             }
-        }))
+            Err(error) => Err(Refusal::fatal(format!(
+                "the publishing channel failed: {error}"
+            ))),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(tags: &[u64]) -> BTreeSet<u64> {
+        tags.iter().copied().collect()
+    }
+
+    #[test]
+    fn without_held_deliveries_one_multiple_ack_covers_the_range() {
+        assert_eq!(ack_plan(0, 100, &held(&[])), vec![(100, true)]);
+        assert_eq!(ack_plan(100, 100, &held(&[])), vec![]);
+        assert_eq!(ack_plan(0, 5, &held(&[9])), vec![(5, true)], "held above");
+    }
+
+    #[test]
+    fn held_deliveries_are_never_covered_by_an_ack() {
+        assert_eq!(
+            ack_plan(0, 6, &held(&[3, 5])),
+            vec![(2, true), (4, false), (6, false)]
+        );
+        // A held delivery below the range still forbids `multiple`.
+        assert_eq!(
+            ack_plan(6, 9, &held(&[3, 5])),
+            vec![(7, false), (8, false), (9, false)]
+        );
+        assert_eq!(ack_plan(0, 1, &held(&[1])), vec![]);
+        assert_eq!(ack_plan(1, 3, &held(&[2])), vec![(3, false)]);
     }
 }

@@ -71,7 +71,8 @@ pub struct ConsumerDetail {
     pub consumer_tag: Option<String>,
     pub prefetch_count: Option<u64>,
     pub ack_required: Option<bool>,
-    #[serde(default)]
+    /// An object, or `[]` while the consumer's channel is closing (seen on 3.10).
+    #[serde(default, deserialize_with = "object_or_default")]
     pub channel_details: ChannelDetails,
 }
 
@@ -287,6 +288,48 @@ impl MessageStats {
     }
 }
 
+/// Reads an object as `T`, and anything else (the API's `[]` for "nothing") as `T::default()`.
+fn object_or_default<'de, D, T>(deserializer: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned + Default,
+{
+    let value = Value::deserialize(deserializer)?;
+    if value.is_object() {
+        serde_json::from_value(value).map_err(serde::de::Error::custom)
+    } else {
+        Ok(T::default())
+    }
+}
+
 fn rate(detail: &Option<RateDetail>) -> Option<f64> {
     detail.as_ref().and_then(|detail| detail.rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closing_consumer_with_empty_channel_details_still_decodes() {
+        let detail: QueueDetail = serde_json::from_str(
+            r#"{"name":"q","consumer_details":[{"consumer_tag":"a","channel_details":[]},
+                {"consumer_tag":"b","channel_details":{"connection_name":"c","user":"u"}}],
+                "effective_policy_definition":[]}"#,
+        )
+        .expect("tolerant decoding");
+        assert_eq!(detail.consumer_details.len(), 2);
+        assert!(detail.consumer_details[0]
+            .channel_details
+            .connection_name
+            .is_none());
+        assert_eq!(
+            detail.consumer_details[1]
+                .channel_details
+                .connection_name
+                .as_deref(),
+            Some("c")
+        );
+        assert!(detail.messages.is_none(), "missing counts stay unknown");
+    }
 }
