@@ -161,7 +161,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> Result<()> {
                 emit(format, &report, ui::dlq::inspect)
             }
             DlqCommand::Replay(args) => {
-                let spec = args.into();
+                let spec = args.as_ref().into();
                 let outcome =
                     dlq::replay(&target, &spec, args.dry_run.dry_run, &progress, &cancel).await?;
                 emit(format, &outcome, ui::dlq::replay)

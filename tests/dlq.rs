@@ -1128,3 +1128,104 @@ mod kafka_dlq {
         );
     }
 }
+
+/// Publishes one message per `(message-id, x-mqdrain-replays)` into `queue`, with confirms.
+async fn publish_dead_letters(connection: &Connection, queue: &str, letters: &[(&str, i64)]) {
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for (id, replays) in letters {
+        let mut headers = FieldTable::default();
+        if *replays > 0 {
+            headers.insert("x-mqdrain-replays".into(), AMQPValue::LongLongInt(*replays));
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                id.as_bytes(),
+                BasicProperties::default()
+                    .with_message_id((*id).into())
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    let _ = channel.close(200, "published".into()).await;
+}
+
+#[tokio::test]
+async fn replay_with_dedup_suppresses_a_second_copy_of_the_same_replay_only() {
+    let connection = amqp_connection("test dlq dedup").await;
+    let channel = connection.create_channel().await.unwrap();
+    let dlq = unique("dlq-dedup");
+    let target = format!("{dlq}.target");
+    declare_queue(&channel, &dlq, &[]).await;
+    declare_queue(&channel, &target, &[]).await;
+    // "a" twice as the same dead letter (a replay that died between confirm and ack leaves the
+    // copy behind), "b", and "a" dead-lettered again after one replay: that one must go again.
+    publish_dead_letters(&connection, &dlq, &[("a", 0), ("a", 0), ("b", 0), ("a", 1)]).await;
+    let url = amqp_url();
+    let redis = redis_url();
+    let args = [
+        "dlq",
+        "replay",
+        &dlq,
+        "--to",
+        &target,
+        "--dedup",
+        &redis,
+        "--idle-timeout",
+        "1s",
+    ];
+    let first = run_json(&url, &args).await;
+    assert_eq!(first["replayed"], 3, "{first:#}");
+    assert_eq!(first["result"]["duplicates_suppressed"], 1, "{first:#}");
+    assert!(
+        first["actions"].to_string().contains("x-mqdrain-replays"),
+        "the plan says what the key counts: {first:#}"
+    );
+    let mut replayed: Vec<(String, Option<i64>)> = consume_all(&connection, &target, QUIET)
+        .await
+        .iter()
+        .map(|delivery| {
+            (
+                message_id(delivery),
+                header_int(delivery, "x-mqdrain-replays"),
+            )
+        })
+        .collect();
+    replayed.sort();
+    assert_eq!(
+        replayed,
+        vec![
+            ("a".to_string(), Some(1)),
+            ("a".to_string(), Some(2)),
+            ("b".to_string(), Some(1)),
+        ]
+    );
+    assert_eq!(
+        ready(&connection, &dlq).await,
+        0,
+        "the suppressed copy is acked"
+    );
+
+    // The same dead letter once more, later: still a duplicate while Redis remembers it.
+    publish_dead_letters(&connection, &dlq, &[("b", 0)]).await;
+    let second = run_json(&url, &args).await;
+    assert_eq!(second["replayed"], 0, "{second:#}");
+    assert_eq!(second["result"]["duplicates_suppressed"], 1, "{second:#}");
+    assert_eq!(ready(&connection, &target).await, 0);
+
+    for queue in [&dlq, &target] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+}

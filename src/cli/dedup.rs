@@ -1,4 +1,4 @@
-//! `forward`'s duplicate-suppression options (flattened into `ForwardArgs`).
+//! The duplicate-suppression options of `forward` and `dlq replay` (flattened into their args).
 
 use super::parse_duration;
 use clap::Args;
@@ -14,8 +14,8 @@ pub struct DedupArgs {
     /// the target confirmed, it is marked done for --dedup-ttl. A message whose id is done is
     /// not published again but acknowledged on the source; one whose id another forwarder holds
     /// in flight waits until that copy is done, or its mark is stale (older than
-    /// --dedup-inflight-ttl: that forwarder died) and it is published. The id is stamped into
-    /// header x-mqdrain-id for consumers downstream.
+    /// --dedup-inflight-ttl: that forwarder died) and it is published. `forward` stamps the id
+    /// into header x-mqdrain-id for consumers downstream.
     ///
     /// Guarantee: exactly-once publish for messages with a stable id, as long as Redis keeps the
     /// keys for the TTL. Duplicates are possible only if a forwarder dies (or loses Redis) after
@@ -23,8 +23,10 @@ pub struct DedupArgs {
     /// messages), a publish outlasts --dedup-inflight-ttl, Redis loses keys (restart without
     /// persistence, eviction, failover) or a copy arrives after --dedup-ttl, or --dedup-optional
     /// bypassed a failed Redis. Messages without an id are forwarded unchecked and counted. Do
-    /// not use it where messages come back to the source with the same id on purpose (retry
-    /// loops through dead-lettering): they would be acknowledged as duplicates.
+    /// not use it on `forward` where messages come back to the source with the same id on
+    /// purpose (retry loops through dead-lettering): they would be acknowledged as duplicates.
+    /// `dlq replay` counts x-mqdrain-replays in the key, so there only a second copy of the
+    /// same replay is suppressed.
     #[arg(long, value_name = "REDIS_URL")]
     pub dedup: Option<String>,
 

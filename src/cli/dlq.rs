@@ -56,7 +56,7 @@ pub enum DlqCommand {
     /// offset passes them. Stops when the DLQ had nothing new for --idle-timeout, at
     /// --max-messages, or on Ctrl-C (in-flight messages finish first).
     #[command(after_help = DLQ_HELP)]
-    Replay(DlqReplayArgs),
+    Replay(Box<DlqReplayArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +123,10 @@ pub struct DlqReplayArgs {
     /// Publish attempts per message (with backoff) before stopping with an error.
     #[arg(long, default_value_t = 5)]
     pub max_attempts: u32,
+    /// Duplicate suppression, as for `forward`; the key also counts x-mqdrain-replays, so a
+    /// message dead-lettered again after its replay is replayed again.
+    #[command(flatten)]
+    pub dedup: super::dedup::DedupArgs,
     #[command(flatten)]
     pub dry_run: DryRun,
 }
@@ -143,6 +147,11 @@ impl From<&DlqReplayArgs> for DlqReplaySpec {
             confirm_window: args.confirm_window,
             idle_timeout: args.idle_timeout,
             max_attempts: args.max_attempts,
+            dedup: args.dedup.dedup.clone(),
+            dedup_ttl: args.dedup.dedup_ttl,
+            dedup_inflight_ttl: args.dedup.dedup_inflight_ttl,
+            id_header: args.dedup.id_header.clone(),
+            dedup_optional: args.dedup.dedup_optional,
         }
     }
 }

@@ -3,9 +3,8 @@
 //!
 //! Before a message with an id is published, its key is set to `inflight:<owner>#<ticket>/<ms>`
 //! (`SET NX PX`, the in-flight TTL); once the target broker confirmed it, the key becomes `done`
-//! for `--dedup-ttl` (written, pipelined per batch, right before the source acknowledgement:
-//! only then can no misattributed `basic.return` concern it, so `done` never names a message the
-//! target did not keep). A message whose key is `done` was delivered before: it is not published
+//! for `--dedup-ttl` (written, pipelined, per batch of confirmations that showed no
+//! unattributable `basic.return`, so `done` never names a message the target did not keep). A message whose key is `done` was delivered before: it is not published
 //! again but acknowledged on the source. A key held in flight by another forwarder makes the
 //! message wait; once that mark is stale (its owner is gone: the mark is older than the in-flight
 //! TTL, or expired) it is taken over atomically and the message is published.
@@ -13,11 +12,10 @@
 //! The guarantee: a message with a stable id is published exactly once while Redis keeps its key
 //! (for `--dedup-ttl` after the first delivery). Duplicates remain possible only if
 //! - a forwarder dies (or loses Redis) after the target broker took the message but before the
-//!   `done` mark was written: at most the confirm window plus one ack batch of messages,
-//!   re-published once the in-flight mark is stale;
-//! - a message stays unacknowledged longer than the in-flight TTL (slow confirms, retries, or an
-//!   earlier message of its lane holding the acknowledgement up), so another forwarder takes the
-//!   mark over;
+//!   `done` mark was written (a batch of confirmations being marked), re-published once the
+//!   in-flight mark is stale;
+//! - a publish takes longer than the in-flight TTL (confirm delays plus retries), so another
+//!   forwarder takes the mark over;
 //! - Redis loses keys (restart without persistence, eviction under `maxmemory`, failover to a
 //!   replica that had not received them) or the copy arrives after `--dedup-ttl`;
 //! - `--dedup-optional` switched suppression off because Redis failed.
@@ -26,9 +24,9 @@
 //! comes back to the source with the same id (a retry loop through dead-lettering) is taken for a
 //! duplicate: do not use `--dedup` on such queues.
 
+use crate::broker::Source;
 use crate::endpoint::redact_url;
 use crate::error::{Error, Result};
-use crate::ops::drain::ForwardSpec;
 use crate::progress::{Event, Level, Progress};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use redis::aio::MultiplexedConnection;
@@ -81,6 +79,10 @@ pub struct Dedup {
     pub optional: bool,
     /// Why there is no store, for the summary.
     pub bypassed: Option<String>,
+    /// A header counting how often the message went around on purpose (`x-mqdrain-replays`):
+    /// its value is part of the identity, so a message dead-lettered again after its replay is
+    /// replayed again, while a second copy of the same replay is suppressed.
+    pub generation_header: Option<&'static str>,
 }
 
 impl std::fmt::Debug for Dedup {
@@ -90,14 +92,20 @@ impl std::fmt::Debug for Dedup {
             .field("store", &self.store.as_ref().map(|store| &store.endpoint))
             .field("optional", &self.optional)
             .field("bypassed", &self.bypassed)
+            .field("generation_header", &self.generation_header)
             .finish()
     }
 }
 
-/// The Redis side: one multiplexed connection, shared by every in-flight message.
+/// The Redis side: two multiplexed connections, shared by every in-flight message.
 #[derive(Clone)]
 pub struct Store {
+    /// Claims. Their requests queue for room in this connection and hold their place while the
+    /// forwarding loop is busy elsewhere; they go out in the order messages arrived.
     connection: MultiplexedConnection,
+    /// Done marks and releases, which the loop awaits: on a connection of their own so that they
+    /// never wait behind claims the loop is not polling at that moment.
+    marking: MultiplexedConnection,
     /// The URL with its password masked, for messages.
     pub endpoint: String,
     /// `mqdrain:dedup:<scope>:`; the id follows.
@@ -108,10 +116,21 @@ pub struct Store {
     owner: String,
 }
 
+/// The duplicate-suppression options of a forward or a DLQ replay (`--dedup` and friends).
+#[derive(Debug, Clone)]
+pub struct DedupSettings {
+    /// `redis://host:port[/db]`; `None`: no suppression.
+    pub url: Option<String>,
+    pub ttl: Duration,
+    pub inflight_ttl: Duration,
+    pub id_header: Option<String>,
+    pub optional: bool,
+}
+
 /// Rejects dedup options that cannot work, before anything touches a broker.
-pub fn validate(spec: &ForwardSpec) -> Result<()> {
-    let Some(url) = &spec.dedup else {
-        if spec.id_header.is_some() || spec.dedup_optional {
+pub fn validate(spec: &DedupSettings) -> Result<()> {
+    let Some(url) = &spec.url else {
+        if spec.id_header.is_some() || spec.optional {
             return Err(Error::usage(
                 "--id-header and --dedup-optional only apply with --dedup redis://host:port[/db]",
             ));
@@ -127,33 +146,33 @@ pub fn validate(spec: &ForwardSpec) -> Result<()> {
     if spec.id_header.as_deref().is_some_and(str::is_empty) {
         return Err(Error::usage("--id-header needs a header name"));
     }
-    if spec.dedup_inflight_ttl < Duration::from_secs(1) {
+    if spec.inflight_ttl < Duration::from_secs(1) {
         return Err(Error::usage(
             "--dedup-inflight-ttl must be at least 1s: it must outlast a publish and its confirm",
         ));
     }
-    if spec.dedup_ttl <= spec.dedup_inflight_ttl {
+    if spec.ttl <= spec.inflight_ttl {
         return Err(Error::usage(format!(
             "--dedup-ttl {} must be longer than --dedup-inflight-ttl {}",
-            humantime::format_duration(spec.dedup_ttl),
-            humantime::format_duration(spec.dedup_inflight_ttl)
+            humantime::format_duration(spec.ttl),
+            humantime::format_duration(spec.inflight_ttl)
         )));
     }
     Ok(())
 }
 
 /// One sentence for the forward plan: where ids come from and where they are kept.
-pub fn describe(spec: &ForwardSpec, native_id: &str) -> Option<String> {
-    let url = spec.dedup.as_ref()?;
+pub fn describe(spec: &DedupSettings, native_id: &str) -> Option<String> {
+    let url = spec.url.as_ref()?;
     Some(format!(
         "suppress duplicates by {} through Redis at {} (kept {}, in-flight marks {}{}), stamping the id into header '{}'",
         spec.id_header
             .as_ref()
             .map_or_else(|| native_id.to_string(), |name| format!("header '{name}'")),
         redact_url(url),
-        humantime::format_duration(spec.dedup_ttl),
-        humantime::format_duration(spec.dedup_inflight_ttl),
-        if spec.dedup_optional {
+        humantime::format_duration(spec.ttl),
+        humantime::format_duration(spec.inflight_ttl),
+        if spec.optional {
             "; forwards without suppression if Redis fails"
         } else {
             "; stops if Redis fails"
@@ -166,27 +185,28 @@ impl Dedup {
     /// Connects to Redis for `spec`, or returns `None` without `--dedup`. `scope` names the
     /// source (vhost and queue, or topic and group) so that ids of different sources never meet.
     pub async fn open(
-        spec: &ForwardSpec,
+        spec: &DedupSettings,
         scope: &[&str],
         progress: &Progress,
     ) -> Result<Option<Self>> {
-        let Some(url) = &spec.dedup else {
+        let Some(url) = &spec.url else {
             return Ok(None);
         };
         let endpoint = redact_url(url);
         let (store, bypassed) = match connect(url).await {
-            Ok(connection) => (
+            Ok((connection, marking)) => (
                 Some(Store {
                     connection,
+                    marking,
                     endpoint,
                     prefix: key_prefix(scope),
-                    ttl: spec.dedup_ttl,
-                    inflight_ttl: spec.dedup_inflight_ttl,
+                    ttl: spec.ttl,
+                    inflight_ttl: spec.inflight_ttl,
                     owner: owner(),
                 }),
                 None,
             ),
-            Err(detail) if spec.dedup_optional => {
+            Err(detail) if spec.optional => {
                 let reason = format!("cannot reach Redis at {endpoint} ({detail})");
                 progress.emit(Event::Notice {
                     level: Level::Warn,
@@ -210,13 +230,40 @@ impl Dedup {
         Ok(Some(Dedup {
             id_header: spec.id_header.clone(),
             store,
-            optional: spec.dedup_optional,
+            optional: spec.optional,
             bypassed,
+            generation_header: None,
         }))
+    }
+
+    /// Counts the value of `header` (absent: 0) as part of every message's identity.
+    pub fn by_generation(mut self, header: &'static str) -> Self {
+        self.generation_header = Some(header);
+        self
+    }
+
+    /// The message's identity for the store; `None`: it has none and passes unchecked.
+    pub fn identity<S: Source>(&self, message: &S::Message) -> Option<Vec<u8>> {
+        let mut id = S::identity(message, self.id_header.as_deref())?;
+        if let Some(header) = self.generation_header {
+            let generation = S::identity(message, Some(header)).unwrap_or_else(|| b"0".to_vec());
+            id.extend_from_slice(b"@");
+            id.extend_from_slice(header.as_bytes());
+            id.extend_from_slice(b"=");
+            id.extend_from_slice(&generation);
+        }
+        Some(id)
     }
 }
 
-async fn connect(url: &str) -> std::result::Result<MultiplexedConnection, String> {
+/// The claims' connection and the marking one.
+async fn connect(
+    url: &str,
+) -> std::result::Result<(MultiplexedConnection, MultiplexedConnection), String> {
+    Ok((open_connection(url).await?, open_connection(url).await?))
+}
+
+async fn open_connection(url: &str) -> std::result::Result<MultiplexedConnection, String> {
     let client = Client::open(url).map_err(|error| error.to_string())?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(REDIS_TIMEOUT))
@@ -417,15 +464,14 @@ impl Store {
     /// Records that the target confirmed `ids` (one round trip): later copies are duplicates
     /// for the TTL.
     pub async fn done(&self, ids: &[Vec<u8>]) -> Result<()> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.marking.clone();
         let mut pipe = redis::pipe();
         for id in ids {
             pipe.cmd("SET")
                 .arg(self.key(id))
                 .arg(DONE)
                 .arg("PX")
-                .arg(self.ttl.as_millis() as u64)
-                .ignore();
+                .arg(self.ttl.as_millis() as u64);
         }
         pipe.query_async::<()>(&mut connection)
             .await
@@ -438,7 +484,7 @@ impl Store {
     /// Drops our in-flight mark of a message the target refused for good, so that a rerun
     /// need not wait for it to expire.
     pub async fn release(&self, id: &[u8], ticket: u64) -> Result<()> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.marking.clone();
         redis::cmd("EVAL")
             .arg(COMPARE_AND_DELETE)
             .arg(1)

@@ -23,6 +23,7 @@
 use crate::broker::{kafka, rabbitmq};
 use crate::endpoint::Target;
 use crate::error::{Error, Result};
+use crate::ops::dedup::{Dedup, DedupSettings};
 use crate::ops::forward_loop::LoopOutcome;
 use crate::ops::inspect::Warning;
 use crate::progress::Progress;
@@ -133,6 +134,49 @@ pub struct DlqReplaySpec {
     pub idle_timeout: Duration,
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// Redis URL for duplicate suppression (see `ops::dedup`); the key counts
+    /// `x-mqdrain-replays`, so only a second copy of the same replay is suppressed.
+    #[serde(default)]
+    pub dedup: Option<String>,
+    #[serde(default = "default_dedup_ttl", with = "crate::ops::duration_text")]
+    pub dedup_ttl: Duration,
+    #[serde(
+        default = "default_dedup_inflight_ttl",
+        with = "crate::ops::duration_text"
+    )]
+    pub dedup_inflight_ttl: Duration,
+    #[serde(default)]
+    pub id_header: Option<String>,
+    #[serde(default)]
+    pub dedup_optional: bool,
+}
+
+fn default_dedup_ttl() -> Duration {
+    crate::ops::dedup::DEFAULT_TTL
+}
+
+fn default_dedup_inflight_ttl() -> Duration {
+    crate::ops::dedup::DEFAULT_INFLIGHT_TTL
+}
+
+impl DlqReplaySpec {
+    pub fn dedup_settings(&self) -> DedupSettings {
+        DedupSettings {
+            url: self.dedup.clone(),
+            ttl: self.dedup_ttl,
+            inflight_ttl: self.dedup_inflight_ttl,
+            id_header: self.id_header.clone(),
+            optional: self.dedup_optional,
+        }
+    }
+
+    /// Opens the duplicate-suppression store for this replay (`None` without `--dedup`):
+    /// scoped to the DLQ, with the replay counter in each message's identity.
+    pub async fn open_dedup(&self, scope: &[&str], progress: &Progress) -> Result<Option<Dedup>> {
+        Ok(Dedup::open(&self.dedup_settings(), scope, progress)
+            .await?
+            .map(|dedup| dedup.by_generation(REPLAYS_HEADER)))
+    }
 }
 
 /// What one dead letter says about itself, whatever the broker.
@@ -462,6 +506,18 @@ pub struct DlqReplayOutcome {
 }
 
 impl DlqReplayOutcome {
+    /// Says how duplicates are suppressed, if they are; `native_id` names the broker's own id.
+    pub fn describe_dedup(&mut self, spec: &DlqReplaySpec, native_id: &str) {
+        if let Some(line) = crate::ops::dedup::describe(&spec.dedup_settings(), native_id) {
+            let line = format!("{line}; the key counts {REPLAYS_HEADER}");
+            self.actions.push(if self.dry_run {
+                format!("would {line}")
+            } else {
+                line
+            });
+        }
+    }
+
     pub fn new(spec: &DlqReplaySpec, dry_run: bool) -> Self {
         DlqReplayOutcome {
             name: spec.name.clone(),
@@ -522,6 +578,7 @@ impl DlqReplayOutcome {
 
 /// Checks what both brokers share before anything is contacted.
 pub fn validate_replay(spec: &DlqReplaySpec) -> Result<ReplayRules> {
+    crate::ops::dedup::validate(&spec.dedup_settings())?;
     if spec.to == spec.name {
         return Err(Error::usage(format!(
             "--to '{}' is the dead-letter queue itself: give the queue or topic the messages should go back to",

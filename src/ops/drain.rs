@@ -4,6 +4,7 @@
 use crate::broker::{kafka, rabbitmq};
 use crate::endpoint::Target;
 use crate::error::{Error, Result};
+use crate::ops::dedup::DedupSettings;
 use crate::ops::exec::ExecOutcome;
 use crate::ops::forward_loop::{LoopOutcome, Strategy};
 use crate::ops::plan::{self, PlanSpec};
@@ -317,6 +318,18 @@ pub struct ForwardSpec {
     pub dedup_optional: bool,
 }
 
+impl ForwardSpec {
+    pub fn dedup_settings(&self) -> DedupSettings {
+        DedupSettings {
+            url: self.dedup.clone(),
+            ttl: self.dedup_ttl,
+            inflight_ttl: self.dedup_inflight_ttl,
+            id_header: self.id_header.clone(),
+            optional: self.dedup_optional,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ForwardOutcome {
     pub name: String,
@@ -471,7 +484,7 @@ pub async fn forward(
     if let Some(factor) = spec.factor {
         crate::ops::validate_factor(factor)?;
     }
-    crate::ops::dedup::validate(spec)?;
+    crate::ops::dedup::validate(&spec.dedup_settings())?;
     match target {
         Target::Rabbit(rabbit) => {
             rabbitmq::drain::forward(rabbit, spec, dry_run, progress, cancel).await

@@ -3,8 +3,8 @@
 //! rate limiting and graceful stop. A sink may route single messages itself (`Sink::route`):
 //! a skipped message is handed back to the source (`Source::skip`) and never tracked here, so
 //! the source alone keeps it out of later acknowledgements. With a `Dedup`, a message with an
-//! id is claimed in Redis before it is published and marked done right before its source
-//! acknowledgement (see `ops::dedup` for the protocol and what it guarantees).
+//! id is claimed in Redis before it is published and marked done once confirmed (see
+//! `ops::dedup` for the protocol and what it guarantees).
 
 use crate::broker::{KeySource, Position, Refusal, RefusalKind, Route, Sink, Source};
 use crate::error::{Error, Result};
@@ -182,6 +182,9 @@ fn confirmed(ticket: u64, confirmation: crate::broker::Confirmation, timeout: Du
     })
 }
 
+/// Asks the store about `id` after `delay`. Claims are polled in the order they were pushed, so
+/// their requests reach Redis in the order messages arrived: of two copies of one id, the first
+/// received holds the mark.
 fn claim(store: Store, id: Vec<u8>, ticket: u64, delay: Duration) -> Pending {
     Box::pin(async move {
         if !delay.is_zero() {
@@ -348,6 +351,8 @@ where
     let mut order = PublishOrder::default();
     // Once set, nothing more is acknowledged: everything not yet acked returns to the source.
     let mut acks_frozen = false;
+    // The last receive found nothing waiting.
+    let mut source_dry = false;
     let mut next_ticket: u64 = 0;
     let mut received: u64 = 0;
     let mut forwarded: u64 = 0;
@@ -411,6 +416,8 @@ where
                             refusal.reason
                         )));
                     }
+                    // Ids confirmed in this batch, marked done together once the batch is through.
+                    let mut delivered_ids: Vec<Vec<u8>> = Vec::new();
                     for (ticket, step) in batch {
                         let Some(mut entry) = in_flight.remove(&ticket) else { continue };
                         let lane = entry.position.lane;
@@ -460,7 +467,7 @@ where
                                 *per_target
                                     .entry(sink.target_name(lane, entry.target))
                                     .or_default() += 1;
-                                marks.confirmed(entry.position, entry.id);
+                                delivered_ids.extend(entry.id);
                                 tracker.confirmed(entry.position);
                             }
                             Step::Confirmed(Err(refusal)) => {
@@ -492,8 +499,17 @@ where
                         }
                     }
                     if !acks_frozen {
-                        let flush = in_flight.is_empty();
-                        acknowledge_ready(&mut source, &mut tracker, &mut marks, &mut failure, progress, settings.ack_batch, flush).await?;
+                        // No unattributable return in this batch or before it: these ids are
+                        // certainly in the target, so later copies are duplicates.
+                        if let Err(error) = marks.done(&delivered_ids, progress).await {
+                            // Delivered but not remembered: still acknowledged, since a
+                            // redelivery would certainly be a duplicate; the forward stops.
+                            failure.get_or_insert(error);
+                        }
+                        // A partial batch waits while messages keep coming; once the source ran
+                        // dry, everything confirmed is acknowledged at once.
+                        let flush = in_flight.is_empty() && source_dry;
+                        acknowledge_ready(&mut source, &mut tracker, settings.ack_batch, flush).await?;
                     }
                 }
                 _ = sleep_until_opt(pace_until), if can_receive && pace_until.is_some() => {}
@@ -501,6 +517,7 @@ where
                     match message? {
                         Some(message) => {
                             received += 1;
+                            source_dry = false;
                             last_message_at = Instant::now();
                             let position = S::position(&message);
                             let target = match sink.route(position.lane, &message) {
@@ -522,7 +539,7 @@ where
                                     },
                                 },
                             };
-                            let id = dedup.and_then(|dedup| S::identity(&message, dedup.id_header.as_deref()));
+                            let id = dedup.and_then(|dedup| dedup.identity::<S>(&message));
                             if dedup.is_some() && id.is_none() {
                                 without_id += 1;
                             }
@@ -545,6 +562,10 @@ where
                             }
                         }
                         None => {
+                            source_dry = true;
+                            if !acks_frozen && in_flight.is_empty() {
+                                acknowledge_ready(&mut source, &mut tracker, settings.ack_batch, true).await?;
+                            }
                             if in_flight.is_empty() && last_message_at.elapsed() >= settings.idle_timeout {
                                 stop = Some(StopReason::Idle);
                             }
@@ -562,7 +583,7 @@ where
             }
         }
         if !acks_frozen {
-            acknowledge_ready(&mut source, &mut tracker, &mut marks, &mut failure, progress, settings.ack_batch, true).await?;
+            acknowledge_ready(&mut source, &mut tracker, settings.ack_batch, true).await?;
         }
         Ok(())
     }
@@ -601,16 +622,14 @@ where
     })
 }
 
-/// The loop's side of duplicate suppression: the store while Redis answers, and the confirmed
-/// ids waiting for their `done` mark. Ids are marked right before their acknowledgement, not at
-/// their confirmation: only then can no misattributed return concern them any more, so an id is
-/// never `done` for a message the target did not keep.
+/// The loop's side of duplicate suppression: the store while Redis answers. Ids are marked done
+/// per batch of resolved confirmations once the batch showed no unattributable return, so an id
+/// is never `done` for a message the target did not keep.
 struct Marks {
     /// Taken away when `--dedup-optional` bypasses a failing Redis for the rest of the run.
     store: Option<Store>,
     optional: bool,
     bypassed: Option<String>,
-    unmarked: BTreeMap<(u32, u64), Vec<u8>>,
 }
 
 impl Marks {
@@ -619,32 +638,16 @@ impl Marks {
             store: dedup.and_then(|dedup| dedup.store.clone()),
             optional: dedup.is_some_and(|dedup| dedup.optional),
             bypassed: dedup.and_then(|dedup| dedup.bypassed.clone()),
-            unmarked: BTreeMap::new(),
         }
     }
 
-    fn confirmed(&mut self, position: Position, id: Option<Vec<u8>>) {
-        if let (Some(_), Some(id)) = (&self.store, id) {
-            self.unmarked.insert((position.lane, position.seq), id);
-        }
-    }
-
-    /// Marks done every confirmed id of `through`'s lane up to its position. A Redis failure is
-    /// returned, unless `--dedup-optional` turns it into a bypass.
-    async fn mark_through(&mut self, through: Position, progress: &Progress) -> Result<()> {
-        let due: Vec<(u32, u64)> = self
-            .unmarked
-            .range((through.lane, 0)..=(through.lane, through.seq))
-            .map(|(key, _)| *key)
-            .collect();
-        let ids: Vec<Vec<u8>> = due
-            .iter()
-            .filter_map(|key| self.unmarked.remove(key))
-            .collect();
+    /// Marks `ids` done. A Redis failure is returned, unless `--dedup-optional` turns it into a
+    /// bypass.
+    async fn done(&mut self, ids: &[Vec<u8>], progress: &Progress) -> Result<()> {
         let Some(store) = self.store.as_ref().filter(|_| !ids.is_empty()) else {
             return Ok(());
         };
-        match store.done(&ids).await {
+        match store.done(ids).await {
             Ok(()) => Ok(()),
             Err(error) if self.optional => {
                 self.bypass(&error, progress);
@@ -670,23 +673,15 @@ impl Marks {
     }
 }
 
-/// Acknowledges on the source what became releasable (every `batch` messages of a lane, or
-/// everything with `flush`), marking the ids done first.
+/// Acknowledges on the source what became releasable: every `batch` messages of a lane, or
+/// everything with `flush`.
 async fn acknowledge_ready<S: Source>(
     source: &mut S,
     tracker: &mut AckTracker,
-    marks: &mut Marks,
-    failure: &mut Option<Error>,
-    progress: &Progress,
     batch: usize,
     flush: bool,
 ) -> Result<()> {
     for position in tracker.ready_to_ack(batch, flush) {
-        if let Err(error) = marks.mark_through(position, progress).await {
-            // Delivered but not remembered: still acknowledged, since a redelivery would
-            // certainly be a duplicate; the forward stops.
-            failure.get_or_insert(error);
-        }
         source.acknowledge(position).await?;
         tracker.acked(position);
     }

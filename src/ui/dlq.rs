@@ -144,6 +144,7 @@ pub fn replay(outcome: &DlqReplayOutcome) -> String {
                 crate::ops::forward_loop::StopReason::Signal => "a stop signal",
             }
         );
+        super::drain::dedup_lines(&mut out, result);
         if result.returned_to_source > 0 {
             let _ = writeln!(
                 out,

@@ -4,6 +4,7 @@ use crate::ops::drain::{
     ExpandOutcome, ForwardOutcome, RestoreOutcome, StopConsumersOutcome, WatchOutcome,
 };
 use crate::ops::exec::ExecOutcome;
+use crate::ops::forward_loop::LoopOutcome;
 use crate::ops::inspect::human_secs;
 use std::fmt::Write;
 
@@ -76,26 +77,7 @@ pub fn forward(outcome: &ForwardOutcome) -> String {
                 result.unkeyed
             );
         }
-        if result.duplicates_suppressed > 0 {
-            let _ = writeln!(
-                out,
-                "  {} duplicates suppressed (delivered before; acknowledged without publishing)",
-                result.duplicates_suppressed
-            );
-        }
-        if result.without_id > 0 {
-            let _ = writeln!(
-                out,
-                "  {} messages had no id and were forwarded without the duplicate check",
-                result.without_id
-            );
-        }
-        if let Some(reason) = &result.dedup_bypassed {
-            let _ = writeln!(
-                out,
-                "  duplicate suppression was bypassed (--dedup-optional): {reason}"
-            );
-        }
+        dedup_lines(&mut out, result);
         if result.returned_to_source > 0 {
             let _ = writeln!(
                 out,
@@ -105,6 +87,30 @@ pub fn forward(outcome: &ForwardOutcome) -> String {
         }
     }
     out
+}
+
+/// What duplicate suppression did, if it was on.
+pub fn dedup_lines(out: &mut String, result: &LoopOutcome) {
+    if result.duplicates_suppressed > 0 {
+        let _ = writeln!(
+            out,
+            "  {} duplicates suppressed (delivered before; acknowledged without publishing)",
+            result.duplicates_suppressed
+        );
+    }
+    if result.without_id > 0 {
+        let _ = writeln!(
+            out,
+            "  {} messages had no id and were forwarded without the duplicate check",
+            result.without_id
+        );
+    }
+    if let Some(reason) = &result.dedup_bypassed {
+        let _ = writeln!(
+            out,
+            "  duplicate suppression was bypassed (--dedup-optional): {reason}"
+        );
+    }
 }
 
 pub fn watch(outcome: &WatchOutcome) -> String {

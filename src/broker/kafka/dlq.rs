@@ -506,6 +506,7 @@ async fn replay_with(
     let to = topic_label(&spec.to);
     let parking = spec.parking_lot.as_deref().map(topic_label);
     let rules_line = describe_rules(spec, &to, parking.as_deref());
+    outcome.describe_dedup(spec, "<topic>-<partition>-<offset>");
 
     if dry_run {
         let peeked = peek(
@@ -536,6 +537,10 @@ async fn replay_with(
         return Ok(outcome);
     }
 
+    // Before consuming: an unreachable Redis stops the replay with nothing taken.
+    let dedup = spec
+        .open_dedup(&["kafka-replay", &spec.name, group], progress)
+        .await?;
     let skips = Arc::new(SkipCounts::default());
     let sink = ReplaySink::new(target, spec, rules, skips.clone())?;
     // Joining the group takes seconds: a stop signal ends it (nothing was consumed yet).
@@ -551,7 +556,7 @@ async fn replay_with(
     let result = forward_loop::run(
         source,
         sink,
-        &LoopSettings::for_replay(spec, None),
+        &LoopSettings::for_replay(spec, dedup),
         progress,
         cancel,
     )

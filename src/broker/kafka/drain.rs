@@ -1003,7 +1003,7 @@ pub async fn forward(
         strategy_name(spec.strategy, &key)
     );
 
-    let dedup_line = dedup::describe(spec, "<topic>-<partition>-<offset>");
+    let dedup_line = dedup::describe(&spec.dedup_settings(), "<topic>-<partition>-<offset>");
     if dry_run {
         actions.push(format!("would consume {consume_line}"));
         actions.push(format!("would produce to {produce_line}"));
@@ -1025,7 +1025,12 @@ pub async fn forward(
         });
     }
 
-    let dedup = Dedup::open(spec, &["kafka", &spec.name, group], progress).await?;
+    let dedup = Dedup::open(
+        &spec.dedup_settings(),
+        &["kafka", &spec.name, group],
+        progress,
+    )
+    .await?;
     let sink = KafkaSink::new(target, &temp, factor, temp_partitions)?;
     // Waiting for a dead forwarder to leave and joining the group both take seconds: a stop
     // signal ends them (nothing was consumed yet).

@@ -491,6 +491,7 @@ async fn replay_on(
     let to = queue_label(&spec.to);
     let parking = spec.parking_lot.as_deref().map(queue_label);
     let rules_line = describe_rules(spec, &to, parking.as_deref());
+    outcome.describe_dedup(spec, "the message-id property");
 
     if dry_run {
         let peeked = peek(connection, target, &spec.name, peek_limit).await?;
@@ -514,6 +515,10 @@ async fn replay_on(
         return Ok(outcome);
     }
 
+    // Before consuming: an unreachable Redis stops the replay with nothing taken.
+    let dedup = spec
+        .open_dedup(&["amqp-replay", &target.vhost, &spec.name], progress)
+        .await?;
     let source = QueueSource::open_tagged(
         connection,
         target,
@@ -532,7 +537,7 @@ async fn replay_on(
     let result = forward_loop::run(
         source,
         sink,
-        &LoopSettings::for_replay(spec, None),
+        &LoopSettings::for_replay(spec, dedup),
         progress,
         cancel,
     )

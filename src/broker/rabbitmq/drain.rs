@@ -555,7 +555,7 @@ pub async fn forward(
         spec.confirm_window
     )];
     actions.extend(
-        dedup::describe(spec, "the message-id property").map(|line| {
+        dedup::describe(&spec.dedup_settings(), "the message-id property").map(|line| {
             if dry_run {
                 format!("would {line}")
             } else {
@@ -580,7 +580,12 @@ pub async fn forward(
             targets.len()
         ),
     });
-    let dedup = Dedup::open(spec, &["amqp", &target.vhost, &spec.name], progress).await?;
+    let dedup = Dedup::open(
+        &spec.dedup_settings(),
+        &["amqp", &target.vhost, &spec.name],
+        progress,
+    )
+    .await?;
     let connection = amqp::connect(target, &format!("forward {}", spec.name)).await?;
     let queue_source = QueueSource::open(&connection, target, &spec.name, spec.prefetch).await?;
     let sink = QueueSink::open(&connection, target, targets.clone()).await?;
