@@ -536,3 +536,100 @@ async fn restore_exec_shows_the_commands_output() {
     assert!(text.contains("restarted-marker"), "{text}");
     delete_queues(&[queue]).await;
 }
+
+#[tokio::test]
+async fn the_routing_key_is_recorded_only_for_messages_published_through_an_exchange() {
+    use lapin::options::{
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+        QueueBindOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, ExchangeKind};
+
+    let queue = unique("origin");
+    let exchange = format!("{queue}.events");
+    seed(&queue, &[], 0).await;
+    let connection = amqp_connection("test producer").await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "orders.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("binding");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for (through, routing_key, id) in [
+        (exchange.as_str(), "orders.created.eu", "via-exchange"),
+        ("", queue.as_str(), "via-default"),
+    ] {
+        let confirm = channel
+            .basic_publish(
+                through.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                BasicProperties::default()
+                    .with_message_id(id.into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+    run_ok(&["expand", &queue, "--factor", "1"]).await;
+    run_ok(&["forward", &queue, "--idle-timeout", "2s"]).await;
+    let temps = temp_names(&queue, 1);
+    let delivered = consume_all(&connection, &temps[0], QUIET).await;
+    assert_eq!(delivered.len(), 2);
+    let header = |delivery: &lapin::message::Delivery, name: &str| {
+        delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(name).cloned())
+    };
+    for delivery in &delivered {
+        match message_id(delivery).as_str() {
+            "via-exchange" => {
+                assert_eq!(
+                    header(delivery, "x-mqdrain-original-exchange"),
+                    Some(AMQPValue::LongString(exchange.as_str().into()))
+                );
+                assert_eq!(
+                    header(delivery, "x-mqdrain-original-routing-key"),
+                    Some(AMQPValue::LongString("orders.created.eu".into()))
+                );
+            }
+            "via-default" => assert!(
+                delivery.properties.headers().is_none(),
+                "nothing to record, and no headers table added: {:?}",
+                delivery.properties.headers()
+            ),
+            other => panic!("unexpected message {other}"),
+        }
+    }
+    let _ = channel
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+    run_ok(&["restore", &queue, "--wait", "30s"]).await;
+    delete_queues(&[queue]).await;
+}

@@ -361,7 +361,8 @@ where
     let mut retries: u64 = 0;
     let mut unkeyed: u64 = 0;
     let mut skipped: u64 = 0;
-    let mut per_target: BTreeMap<String, u64> = BTreeMap::new();
+    // Counted by (lane, target index) and named once at the end: naming allocates.
+    let mut per_target: HashMap<(u32, usize), u64> = HashMap::new();
     let mut last_message_at = Instant::now();
     let mut stop: Option<StopReason> = None;
     let mut failure: Option<Error> = None;
@@ -464,9 +465,7 @@ where
                             }
                             Step::Confirmed(Ok(())) => {
                                 forwarded += 1;
-                                *per_target
-                                    .entry(sink.target_name(lane, entry.target))
-                                    .or_default() += 1;
+                                *per_target.entry((lane, entry.target)).or_default() += 1;
                                 delivered_ids.extend(entry.id);
                                 tracker.confirmed(entry.position);
                             }
@@ -590,6 +589,12 @@ where
     .await;
 
     let returned_to_source = received - forwarded - skipped - suppressed;
+    let mut per_target_named: BTreeMap<String, u64> = BTreeMap::new();
+    for ((lane, index), count) in per_target {
+        *per_target_named
+            .entry(sink.target_name(lane, index))
+            .or_default() += count;
+    }
     let closed = source.close().await;
     let flushed = sink.close().await;
     progress.emit(Event::Forwarded {
@@ -608,7 +613,7 @@ where
     }
     Ok(LoopOutcome {
         forwarded,
-        per_target,
+        per_target: per_target_named,
         retries,
         unkeyed,
         duplicates_suppressed: suppressed,
