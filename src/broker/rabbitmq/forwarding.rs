@@ -289,8 +289,8 @@ impl QueueSink {
         // Through a named exchange the routing key carries what consumers may route on, which
         // the temporary queue's name would hide: it is recorded, once (a message forwarded twice
         // keeps where it was first published). Through the default exchange it is the source
-        // queue's name and nothing is added: adding a headers table cost the broker about a
-        // quarter of its CPU per forwarded message in the benchmark.
+        // queue's name and nothing is added: no headers table for the broker to decode and
+        // store per message (the benchmark's broker CPU per message fell by roughly a tenth).
         let record_origin = !message.exchange.as_str().is_empty()
             && !message
                 .properties
