@@ -31,7 +31,8 @@
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -82,7 +83,8 @@ Usage: scripts/bench [OPTIONS] [rabbit|kafka]
        cargo bench --bench drain -- [OPTIONS] [rabbit|kafka]
 
 Measures mqdrain forward against the brokers' own baselines (RabbitMQ shovel, plain Kafka
-consumer) in one run and prints rates, ratios and peak RSS. Needs the brokers of
+consumer) in one run and prints rates, ratios and peak RSS, with references that bound any
+forwarder on this machine (a plain lapin forwarder; an rdkafka consume->produce pipe). Needs the brokers of
 `scripts/brokers up` (ports from MQDRAIN_AMQP_PORT, MQDRAIN_HTTP_PORT, MQDRAIN_KAFKA_PORT).
 
 Options:
@@ -996,6 +998,118 @@ async fn shovel(
     transfer.figures(count)
 }
 
+/// The reference the issue quotes: a plain lapin forwarder in this process. It consumes with a
+/// prefetch, publishes round-robin into the destinations with confirms (at most SEED_WINDOW
+/// unconfirmed), and acks `multiple` after each contiguous run of confirms — nothing else (no
+/// bookkeeping, no headers, no progress). What a client-side forwarder costs at the least.
+async fn plain_forwarder(
+    brokers: &Brokers,
+    probe: &Channel,
+    source: &str,
+    destinations: &[String],
+    count: u64,
+) -> Res<Rates> {
+    const PREFETCH: u16 = 2000;
+    const ACK_EVERY: u64 = 100;
+    let connection = amqp_connection(brokers, "plain lapin forwarder").await?;
+    let consuming = connection
+        .create_channel()
+        .await
+        .map_err(|error| format!("channel: {error}"))?;
+    consuming
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .map_err(|error| format!("basic.qos: {error}"))?;
+    let publishing = connection
+        .create_channel()
+        .await
+        .map_err(|error| format!("channel: {error}"))?;
+    publishing
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|error| format!("confirm.select: {error}"))?;
+    let mut consumer = consuming
+        .basic_consume(
+            source.into(),
+            "bench-plain-forwarder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|error| format!("consuming '{source}': {error}"))?;
+    let started = Instant::now();
+    let targets = destinations.to_vec();
+    let forwarding = tokio::spawn(async move {
+        let mut pending = std::collections::VecDeque::new();
+        let mut unacked = 0u64;
+        let mut last_confirmed = 0u64;
+        let mut settle = |tag: u64,
+                          confirm: lapin::Result<lapin::Confirmation>,
+                          unacked: &mut u64|
+         -> Res<bool> {
+            if confirmed(confirm)? > 0 {
+                return Err("the broker nacked a forwarded message".to_string());
+            }
+            last_confirmed = tag;
+            *unacked += 1;
+            Ok(*unacked >= ACK_EVERY)
+        };
+        for index in 0..count {
+            let delivery = consumer
+                .next()
+                .await
+                .ok_or("the consumer ended")?
+                .map_err(|error| format!("consuming: {error}"))?;
+            let confirm = publishing
+                .basic_publish(
+                    "".into(),
+                    targets[index as usize % targets.len()].as_str().into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    delivery.properties.clone(),
+                )
+                .await
+                .map_err(|error| format!("publishing: {error}"))?;
+            pending.push_back((delivery.delivery_tag, confirm));
+            if pending.len() >= SEED_WINDOW {
+                if let Some((tag, confirm)) = pending.pop_front() {
+                    if settle(tag, confirm.await, &mut unacked)? {
+                        consuming
+                            .basic_ack(tag, BasicAckOptions { multiple: true })
+                            .await
+                            .map_err(|error| format!("acking: {error}"))?;
+                        unacked = 0;
+                    }
+                }
+            }
+        }
+        while let Some((tag, confirm)) = pending.pop_front() {
+            settle(tag, confirm.await, &mut unacked)?;
+        }
+        if unacked > 0 {
+            consuming
+                .basic_ack(last_confirmed, BasicAckOptions { multiple: true })
+                .await
+                .map_err(|error| format!("acking: {error}"))?;
+        }
+        Res::Ok(())
+    });
+    let mut transfer = Transfer::new(started, Broker::Rabbit);
+    // Stops watching early only to report a failed forwarder's own error.
+    watch_queues(probe, source, destinations, count, &mut transfer, || {
+        forwarding.is_finished()
+    })
+    .await?;
+    let outcome = forwarding
+        .await
+        .map_err(|error| format!("the plain forwarder task: {error}"))?;
+    outcome?;
+    // It finished between two observations: the last one is still to be made.
+    watch_queues(probe, source, destinations, count, &mut transfer, || false).await?;
+    let _ = connection.close(200, "done".into()).await;
+    transfer.figures(count)
+}
+
 struct ForwardRun {
     rates: Rates,
     finished: Finished,
@@ -1097,6 +1211,7 @@ async fn delete_queue(channel: &Channel, queue: &str) {
 /// One round's figures: the baseline and the forward(s) that ran right after it.
 struct RabbitRound {
     shovel: Rates,
+    plain: Rates,
     forward: ForwardRun,
     compare: Option<ForwardRun>,
 }
@@ -1123,12 +1238,17 @@ async fn rabbit_round(
     let shovel_name = format!("{prefix}-shovel");
     let forward_src = format!("{prefix}-fwd");
     let forward_cmp = format!("{prefix}-cmp");
+    let plain_src = format!("{prefix}-plain");
+    let plain_dst: Vec<String> = (0..FACTOR)
+        .map(|index| format!("{plain_src}.drain.{index}"))
+        .collect();
     let mut sources = vec![&forward_src];
     if options.compare_bin.is_some() {
         sources.push(&forward_cmp);
     }
-    for queue in [&shovel_src, &shovel_dst]
+    for queue in [&shovel_src, &shovel_dst, &plain_src]
         .into_iter()
+        .chain(&plain_dst)
         .chain(sources.clone())
     {
         created.queues.push(queue.clone());
@@ -1152,6 +1272,7 @@ async fn rabbit_round(
         seeded.transfer_rate()
     ));
     seed_queue(connection, &forward_src, n).await?;
+    seed_queue(connection, &plain_src, n).await?;
     if options.compare_bin.is_some() {
         seed_queue(connection, &forward_cmp, n).await?;
     }
@@ -1186,6 +1307,13 @@ async fn rabbit_round(
     let (Some(shovel_rates), Some(forward)) = (shovel_rates, forward) else {
         return Err("a round did not run both sides".to_string());
     };
+    println!("RabbitMQ{label}: reference, a plain lapin forwarder {plain_src} -> {FACTOR} queues");
+    let plain = plain_forwarder(brokers, probe, &plain_src, &plain_dst, n).await?;
+    report.row(
+        format!("reference: plain lapin forwarder -> {FACTOR} queues{label}"),
+        plain,
+        None,
+    );
     let mut compare = None;
     if let Some(binary) = &options.compare_bin {
         println!("RabbitMQ{label}: the same forward with {binary} on '{forward_cmp}'");
@@ -1205,6 +1333,7 @@ async fn rabbit_round(
     }
     Ok(RabbitRound {
         shovel: shovel_rates,
+        plain,
         forward,
         compare,
     })
@@ -1287,6 +1416,21 @@ async fn rabbit_bench(
         median(&ratios_e2e),
         rounds_text(&ratios),
         verdict(ratio >= RABBIT_RATIO_TARGET)
+    ));
+    let plain_ratios: Vec<f64> = rounds
+        .iter()
+        .map(|r| r.plain.transfer_rate() / r.shovel.transfer_rate())
+        .collect();
+    let forward_to_plain: Vec<f64> = rounds
+        .iter()
+        .map(|r| r.forward.rates.transfer_rate() / r.plain.transfer_rate())
+        .collect();
+    report.note(format!(
+        "ratio plain lapin forwarder/shovel: {:.2}x{}; forward/plain lapin forwarder: {:.2}x{}",
+        median(&plain_ratios),
+        rounds_text(&plain_ratios),
+        median(&forward_to_plain),
+        rounds_text(&forward_to_plain)
     ));
     let cpu_lines: Vec<String> = rounds
         .iter()
