@@ -37,6 +37,15 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longer than a publish may take with the loop's retries (Kafka's delivery timeout is 30 s),
 /// short enough that a rerun after a crash does not wait long for the dead forwarder's marks.
 pub const DEFAULT_INFLIGHT_TTL: Duration = Duration::from_secs(60);
+
+/// Serde defaults of the `dedup_ttl` / `dedup_inflight_ttl` fields of forward and replay specs.
+pub fn default_ttl() -> Duration {
+    DEFAULT_TTL
+}
+
+pub fn default_inflight_ttl() -> Duration {
+    DEFAULT_INFLIGHT_TTL
+}
 /// Connecting to Redis and each request give up after this long: a Redis that hangs must stop
 /// (or, with `--dedup-optional`, bypass) the forwarder rather than stall it.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);

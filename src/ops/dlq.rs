@@ -138,10 +138,13 @@ pub struct DlqReplaySpec {
     /// `x-mqdrain-replays`, so only a second copy of the same replay is suppressed.
     #[serde(default)]
     pub dedup: Option<String>,
-    #[serde(default = "default_dedup_ttl", with = "crate::ops::duration_text")]
+    #[serde(
+        default = "crate::ops::dedup::default_ttl",
+        with = "crate::ops::duration_text"
+    )]
     pub dedup_ttl: Duration,
     #[serde(
-        default = "default_dedup_inflight_ttl",
+        default = "crate::ops::dedup::default_inflight_ttl",
         with = "crate::ops::duration_text"
     )]
     pub dedup_inflight_ttl: Duration,
@@ -149,14 +152,6 @@ pub struct DlqReplaySpec {
     pub id_header: Option<String>,
     #[serde(default)]
     pub dedup_optional: bool,
-}
-
-fn default_dedup_ttl() -> Duration {
-    crate::ops::dedup::DEFAULT_TTL
-}
-
-fn default_dedup_inflight_ttl() -> Duration {
-    crate::ops::dedup::DEFAULT_INFLIGHT_TTL
 }
 
 impl DlqReplaySpec {

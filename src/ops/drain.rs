@@ -48,12 +48,6 @@ fn default_strategy() -> Strategy {
 fn default_key() -> String {
     "routing-key".to_string()
 }
-fn default_dedup_ttl() -> Duration {
-    crate::ops::dedup::DEFAULT_TTL
-}
-fn default_dedup_inflight_ttl() -> Duration {
-    crate::ops::dedup::DEFAULT_INFLIGHT_TTL
-}
 
 /// A client still attached to the backlog: an AMQP consumer or a Kafka group member.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -300,12 +294,15 @@ pub struct ForwardSpec {
     #[serde(default)]
     pub dedup: Option<String>,
     /// How long a delivered id is remembered.
-    #[serde(default = "default_dedup_ttl", with = "crate::ops::duration_text")]
+    #[serde(
+        default = "crate::ops::dedup::default_ttl",
+        with = "crate::ops::duration_text"
+    )]
     pub dedup_ttl: Duration,
     /// How long an in-flight mark protects a message being published; older marks of another
     /// forwarder are stale.
     #[serde(
-        default = "default_dedup_inflight_ttl",
+        default = "crate::ops::dedup::default_inflight_ttl",
         with = "crate::ops::duration_text"
     )]
     pub dedup_inflight_ttl: Duration,
