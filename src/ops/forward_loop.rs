@@ -167,19 +167,104 @@ impl Step {
 /// Resolves to the in-flight message's ticket and what happened to it.
 type Pending = Pin<Box<dyn Future<Output = (u64, Step)> + Send>>;
 
-/// Tags a confirmation with its ticket and bounds how long it may take.
-fn confirmed(ticket: u64, confirmation: crate::broker::Confirmation, timeout: Duration) -> Pending {
-    Box::pin(async move {
-        let outcome = match tokio::time::timeout(timeout, confirmation).await {
-            Ok(outcome) => outcome,
-            // The publish may still have arrived: it stays unacknowledged and is redelivered.
-            Err(_) => Err(Refusal::unattributable(format!(
-                "no confirmation arrived within {}",
-                humantime::format_duration(timeout)
-            ))),
+/// A published message waiting for the target's verdict.
+struct Confirming {
+    ticket: u64,
+    /// Past this, the confirmation counts as lost.
+    deadline: Instant,
+    confirmation: crate::broker::Confirmation,
+}
+
+/// What the loop waits for: claims (any order) and confirmations (in publish order: lapin
+/// resolves a channel's confirms in ascending order and librdkafka a partition's delivery
+/// reports, so only the oldest is polled — one waker instead of one per message in flight; a
+/// later one that is already resolved is taken right after it).
+#[derive(Default)]
+struct Steps {
+    claims: FuturesUnordered<Pending>,
+    confirmations: VecDeque<Confirming>,
+}
+
+impl Steps {
+    fn is_empty(&self) -> bool {
+        self.claims.is_empty() && self.confirmations.is_empty()
+    }
+
+    fn push_claim(&mut self, claim: Pending) {
+        self.claims.push(claim);
+    }
+
+    fn push_confirmation(
+        &mut self,
+        ticket: u64,
+        confirmation: crate::broker::Confirmation,
+        timeout: Duration,
+    ) {
+        self.confirmations.push_back(Confirming {
+            ticket,
+            deadline: Instant::now() + timeout,
+            confirmation,
+        });
+    }
+
+    /// The next resolved step. Cancel-safe: nothing is taken out until it resolved.
+    async fn next(&mut self) -> (u64, Step) {
+        let Steps {
+            claims,
+            confirmations,
+        } = self;
+        let oldest = async {
+            match confirmations.front_mut() {
+                Some(front) => (&mut front.confirmation).await,
+                None => std::future::pending().await,
+            }
         };
-        (ticket, Step::Confirmed(outcome))
-    })
+        tokio::select! {
+            biased;
+            outcome = oldest => {
+                let ticket = confirmations.pop_front().map_or(u64::MAX, |front| front.ticket);
+                (ticket, Step::Confirmed(outcome))
+            }
+            Some(step) = claims.next(), if !claims.is_empty() => step,
+        }
+    }
+
+    /// A step that has already resolved, without waiting.
+    fn ready(&mut self) -> Option<(u64, Step)> {
+        if let Some(front) = self.confirmations.front_mut() {
+            if let Some(outcome) = (&mut front.confirmation).now_or_never() {
+                let ticket = front.ticket;
+                self.confirmations.pop_front();
+                return Some((ticket, Step::Confirmed(outcome)));
+            }
+        }
+        self.claims.next().now_or_never().flatten()
+    }
+
+    /// Confirmations older than their deadline resolve as lost. Deadlines grow in publish
+    /// order, so only the oldest ones need a look.
+    fn expire(&mut self, now: Instant, timeout: Duration) {
+        while self
+            .confirmations
+            .front()
+            .is_some_and(|front| front.deadline <= now)
+        {
+            let Some(front) = self.confirmations.pop_front() else {
+                break;
+            };
+            let ticket = front.ticket;
+            // The publish may still have arrived: it stays unacknowledged and is redelivered.
+            self.claims.push(Box::pin(async move {
+                (
+                    ticket,
+                    Step::Confirmed(Err(Refusal::unattributable(format!(
+                        "no confirmation arrived within {}",
+                        humantime::format_duration(timeout)
+                    )))),
+                )
+            }));
+        }
+    }
 }
 
 /// Asks the store about `id` after `delay`. Claims are polled in the order they were pushed, so
@@ -194,13 +279,14 @@ fn claim(store: Store, id: Vec<u8>, ticket: u64, delay: Duration) -> Pending {
     })
 }
 
-/// Publishes `entry`, stamping its id when it has one.
+/// Publishes `entry`, stamping its id when it has one; its confirmation joins `steps`.
 async fn publish<K: Sink>(
     sink: &mut K,
     entry: &InFlight<K::Message>,
     ticket: u64,
     timeout: Duration,
-) -> Result<Pending> {
+    steps: &mut Steps,
+) -> Result<()> {
     let lane = entry.position.lane;
     let confirmation = match &entry.id {
         Some(id) => {
@@ -209,7 +295,8 @@ async fn publish<K: Sink>(
         }
         None => sink.send(lane, entry.target, &entry.message).await?,
     };
-    Ok(confirmed(ticket, confirmation, timeout))
+    steps.push_confirmation(ticket, confirmation, timeout);
+    Ok(())
 }
 
 /// Per lane, the positions received and whether each is confirmed, oldest first; only the
@@ -318,13 +405,12 @@ async fn publish_ready<K: Sink>(
     lane: u32,
     sink: &mut K,
     in_flight: &HashMap<u64, InFlight<K::Message>>,
-    pending: &mut FuturesUnordered<Pending>,
+    steps: &mut Steps,
     timeout: Duration,
 ) -> Result<()> {
     while let Some(ticket) = order.pop_ready(lane) {
         if let Some(entry) = in_flight.get(&ticket) {
-            let step = publish(sink, entry, ticket, timeout).await?;
-            pending.push(step);
+            publish(sink, entry, ticket, timeout, steps).await?;
         }
     }
     Ok(())
@@ -347,7 +433,7 @@ where
     let mut round_robin = RoundRobin::default();
     let mut tracker = AckTracker::default();
     let mut in_flight: HashMap<u64, InFlight<S::Message>> = HashMap::new();
-    let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut steps = Steps::default();
     let mut order = PublishOrder::default();
     // Once set, nothing more is acknowledged: everything not yet acked returns to the source.
     let mut acks_frozen = false;
@@ -398,13 +484,13 @@ where
                     // Unconfirmed messages stay unacknowledged and return to the source.
                     break;
                 }
-                Some(first) = pending.next(), if !pending.is_empty() => {
+                first = steps.next(), if !steps.is_empty() => {
                     // Take every step already resolved, refusals first: lapin resolves a
                     // coalesced ack's tags in ascending order and hands a return to the first of
                     // them, so a misattributed return is visible no later than the confirmation
                     // of the message it belongs to, and must be seen before anything is acked.
                     let mut batch = vec![first];
-                    while let Some(Some(next)) = pending.next().now_or_never() {
+                    while let Some(next) = steps.ready() {
                         batch.push(next);
                     }
                     batch.sort_by_key(|(_, step)| !step.is_refusal());
@@ -439,7 +525,7 @@ where
                                     }
                                     Ok(Claim::Busy) if marks.store.is_some() => {
                                         if let (Some(active), Some(id)) = (&marks.store, &entry.id) {
-                                            pending.push(claim(active.clone(), id.clone(), ticket, BUSY_POLL));
+                                            steps.push_claim(claim(active.clone(), id.clone(), ticket, BUSY_POLL));
                                         }
                                         in_flight.insert(ticket, entry);
                                     }
@@ -455,13 +541,12 @@ where
                                         }
                                         if !order.mark_ready(lane, ticket) {
                                             // A retry's re-claim: it was in order once already.
-                                            let step = publish(&mut sink, &entry, ticket, timeout).await?;
-                                            pending.push(step);
+                                            publish(&mut sink, &entry, ticket, timeout, &mut steps).await?;
                                         }
                                         in_flight.insert(ticket, entry);
                                     }
                                 }
-                                publish_ready(&mut order, lane, &mut sink, &in_flight, &mut pending, timeout).await?;
+                                publish_ready(&mut order, lane, &mut sink, &in_flight, &mut steps, timeout).await?;
                             }
                             Step::Confirmed(Ok(())) => {
                                 forwarded += 1;
@@ -485,14 +570,16 @@ where
                                 }
                                 retries += 1;
                                 tokio::time::sleep(settings.retry_backoff * entry.attempts).await;
-                                let step = match (&marks.store, &entry.id) {
+                                match (&marks.store, &entry.id) {
                                     // Claiming again refreshes our in-flight mark for the retry.
-                                    (Some(active), Some(id)) => {
-                                        claim(active.clone(), id.clone(), ticket, Duration::ZERO)
-                                    }
-                                    _ => publish(&mut sink, &entry, ticket, timeout).await?,
-                                };
-                                pending.push(step);
+                                    (Some(active), Some(id)) => steps.push_claim(claim(
+                                        active.clone(),
+                                        id.clone(),
+                                        ticket,
+                                        Duration::ZERO,
+                                    )),
+                                    _ => publish(&mut sink, &entry, ticket, timeout, &mut steps).await?,
+                                }
                                 in_flight.insert(ticket, entry);
                             }
                         }
@@ -550,13 +637,12 @@ where
                                 let needs_claim = marks.store.is_some() && entry.id.is_some();
                                 order.enqueue(position.lane, ticket, !needs_claim);
                                 if let (true, Some(active), Some(id)) = (needs_claim, &marks.store, &entry.id) {
-                                    pending.push(claim(active.clone(), id.clone(), ticket, Duration::ZERO));
+                                    steps.push_claim(claim(active.clone(), id.clone(), ticket, Duration::ZERO));
                                 }
                                 in_flight.insert(ticket, entry);
-                                publish_ready(&mut order, position.lane, &mut sink, &in_flight, &mut pending, timeout).await?;
+                                publish_ready(&mut order, position.lane, &mut sink, &in_flight, &mut steps, timeout).await?;
                             } else {
-                                let step = publish(&mut sink, &entry, ticket, timeout).await?;
-                                pending.push(step);
+                                publish(&mut sink, &entry, ticket, timeout, &mut steps).await?;
                                 in_flight.insert(ticket, entry);
                             }
                         }
@@ -572,6 +658,7 @@ where
                     }
                 }
                 _ = progress_tick.tick() => {
+                    steps.expire(Instant::now(), settings.confirm_timeout);
                     progress.emit(Event::Forwarded {
                         forwarded,
                         in_flight: in_flight.len() as u64,
@@ -758,6 +845,36 @@ mod tests {
             !order.mark_ready(0, 2),
             "published already: a retry's re-claim"
         );
+    }
+
+    #[tokio::test]
+    async fn confirmations_are_taken_oldest_first_and_lost_ones_expire() {
+        let (first_sender, first) = tokio::sync::oneshot::channel::<()>();
+        let mut steps = Steps::default();
+        steps.push_confirmation(
+            1,
+            Box::pin(async move {
+                let _ = first.await;
+                Ok(())
+            }),
+            Duration::from_secs(60),
+        );
+        steps.push_confirmation(2, Box::pin(async { Ok(()) }), Duration::from_secs(60));
+        assert!(steps.ready().is_none(), "2 is resolved but waits for 1");
+        let _ = first_sender.send(());
+        assert!(matches!(steps.ready(), Some((1, Step::Confirmed(Ok(()))))));
+        assert!(matches!(steps.ready(), Some((2, Step::Confirmed(Ok(()))))));
+        assert!(steps.is_empty());
+
+        steps.push_confirmation(3, Box::pin(std::future::pending()), Duration::ZERO);
+        steps.expire(Instant::now() + Duration::from_millis(1), Duration::ZERO);
+        match steps.next().await {
+            (3, Step::Confirmed(Err(refusal))) => {
+                assert_eq!(refusal.kind, RefusalKind::Unattributable)
+            }
+            (ticket, _) => panic!("ticket {ticket} resolved instead of the lost 3"),
+        }
+        assert!(steps.is_empty());
     }
 
     #[test]
