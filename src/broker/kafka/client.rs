@@ -7,6 +7,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
 use std::time::Duration;
 
 const SERVICE: &str = "Kafka";
@@ -25,6 +26,32 @@ pub fn base_config(target: &KafkaTarget, client_id: &str) -> ClientConfig {
         config.set(key, value);
     }
     config
+}
+
+/// An idempotent producer whose deliveries are confirmed once every in-sync replica has the
+/// record (acks=all): what the forwarder and the DLQ replay publish with. A refused delivery comes
+/// back within `message.timeout.ms`, and the loop retries it. `extra` settings come last.
+pub fn confirming_producer(
+    target: &KafkaTarget,
+    client_id: &str,
+    role: &str,
+    extra: &[(&str, &str)],
+) -> Result<FutureProducer> {
+    let mut config = base_config(target, client_id);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
+    for (key, value) in extra {
+        config.set(*key, *value);
+    }
+    config.create().map_err(|error| {
+        Error::usage(format!(
+            "cannot set up the {role} producer for {}: {error}; check the -X settings",
+            target.bootstrap_servers
+        ))
+    })
 }
 
 /// A consumer that never subscribes: it reads metadata, watermarks and a group's offsets

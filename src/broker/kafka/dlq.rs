@@ -276,20 +276,13 @@ impl ReplaySink {
         rules: ReplayRules,
         skips: Arc<SkipCounts>,
     ) -> Result<Self> {
-        let mut config = client::base_config(target, REPLAY_CLIENT_ID);
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
+        let producer = client::confirming_producer(
+            target,
+            REPLAY_CLIENT_ID,
+            "replay",
             // Same key, same partition as the Java producers that usually own the topic.
-            .set("partitioner", "murmur2_random")
-            .set("message.timeout.ms", "30000");
-        let producer: FutureProducer = config.create().map_err(|error| {
-            Error::usage(format!(
-                "cannot set up the replay producer for {}: {error}; check the -X settings",
-                target.bootstrap_servers
-            ))
-        })?;
+            &[("partitioner", "murmur2_random")],
+        )?;
         Ok(ReplaySink {
             producer,
             topics: std::iter::once(spec.to.clone())

@@ -392,20 +392,7 @@ impl KafkaSink {
         fanout: usize,
         partitions: usize,
     ) -> Result<Self> {
-        let mut config = client::base_config(target, FORWARDER_CLIENT_ID);
-        config
-            .set("client.id", FORWARDER_CLIENT_ID)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            // A refused delivery comes back within this, and the loop retries it.
-            .set("message.timeout.ms", "30000");
-        let producer: FutureProducer = config.create().map_err(|error| {
-            Error::usage(format!(
-                "cannot set up the forwarding producer for {}: {error}; check the -X settings",
-                target.bootstrap_servers
-            ))
-        })?;
+        let producer = client::confirming_producer(target, FORWARDER_CLIENT_ID, "forwarding", &[])?;
         Ok(KafkaSink {
             producer,
             topic: topic.to_string(),
