@@ -179,13 +179,22 @@ struct Confirming {
 /// resolves a channel's confirms in ascending order and librdkafka a partition's delivery
 /// reports, so only the oldest is polled — one waker instead of one per message in flight; a
 /// later one that is already resolved is taken right after it).
-#[derive(Default)]
 struct Steps {
     claims: FuturesUnordered<Pending>,
     confirmations: VecDeque<Confirming>,
+    /// How long a confirmation may take before it counts as lost.
+    confirm_timeout: Duration,
 }
 
 impl Steps {
+    fn new(confirm_timeout: Duration) -> Self {
+        Steps {
+            claims: FuturesUnordered::new(),
+            confirmations: VecDeque::new(),
+            confirm_timeout,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.claims.is_empty() && self.confirmations.is_empty()
     }
@@ -194,15 +203,10 @@ impl Steps {
         self.claims.push(claim);
     }
 
-    fn push_confirmation(
-        &mut self,
-        ticket: u64,
-        confirmation: crate::broker::Confirmation,
-        timeout: Duration,
-    ) {
+    fn push_confirmation(&mut self, ticket: u64, confirmation: crate::broker::Confirmation) {
         self.confirmations.push_back(Confirming {
             ticket,
-            deadline: Instant::now() + timeout,
+            deadline: Instant::now() + self.confirm_timeout,
             confirmation,
         });
     }
@@ -212,17 +216,18 @@ impl Steps {
         let Steps {
             claims,
             confirmations,
+            ..
         } = self;
         let oldest = async {
             match confirmations.front_mut() {
-                Some(front) => (&mut front.confirmation).await,
+                Some(front) => (front.ticket, (&mut front.confirmation).await),
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             biased;
-            outcome = oldest => {
-                let ticket = confirmations.pop_front().map_or(u64::MAX, |front| front.ticket);
+            (ticket, outcome) = oldest => {
+                confirmations.pop_front();
                 (ticket, Step::Confirmed(outcome))
             }
             Some(step) = claims.next(), if !claims.is_empty() => step,
@@ -243,7 +248,8 @@ impl Steps {
 
     /// Confirmations older than their deadline resolve as lost. Deadlines grow in publish
     /// order, so only the oldest ones need a look.
-    fn expire(&mut self, now: Instant, timeout: Duration) {
+    fn expire(&mut self, now: Instant) {
+        let timeout = self.confirm_timeout;
         while self
             .confirmations
             .front()
@@ -284,7 +290,6 @@ async fn publish<K: Sink>(
     sink: &mut K,
     entry: &InFlight<K::Message>,
     ticket: u64,
-    timeout: Duration,
     steps: &mut Steps,
 ) -> Result<()> {
     let lane = entry.position.lane;
@@ -295,7 +300,7 @@ async fn publish<K: Sink>(
         }
         None => sink.send(lane, entry.target, &entry.message).await?,
     };
-    steps.push_confirmation(ticket, confirmation, timeout);
+    steps.push_confirmation(ticket, confirmation);
     Ok(())
 }
 
@@ -406,11 +411,10 @@ async fn publish_ready<K: Sink>(
     sink: &mut K,
     in_flight: &HashMap<u64, InFlight<K::Message>>,
     steps: &mut Steps,
-    timeout: Duration,
 ) -> Result<()> {
     while let Some(ticket) = order.pop_ready(lane) {
         if let Some(entry) = in_flight.get(&ticket) {
-            publish(sink, entry, ticket, timeout, steps).await?;
+            publish(sink, entry, ticket, steps).await?;
         }
     }
     Ok(())
@@ -429,11 +433,10 @@ where
 {
     let started = Instant::now();
     let fanout = sink.fanout();
-    let timeout = settings.confirm_timeout;
     let mut round_robin = RoundRobin::default();
     let mut tracker = AckTracker::default();
     let mut in_flight: HashMap<u64, InFlight<S::Message>> = HashMap::new();
-    let mut steps = Steps::default();
+    let mut steps = Steps::new(settings.confirm_timeout);
     let mut order = PublishOrder::default();
     // Once set, nothing more is acknowledged: everything not yet acked returns to the source.
     let mut acks_frozen = false;
@@ -541,12 +544,12 @@ where
                                         }
                                         if !order.mark_ready(lane, ticket) {
                                             // A retry's re-claim: it was in order once already.
-                                            publish(&mut sink, &entry, ticket, timeout, &mut steps).await?;
+                                            publish(&mut sink, &entry, ticket, &mut steps).await?;
                                         }
                                         in_flight.insert(ticket, entry);
                                     }
                                 }
-                                publish_ready(&mut order, lane, &mut sink, &in_flight, &mut steps, timeout).await?;
+                                publish_ready(&mut order, lane, &mut sink, &in_flight, &mut steps).await?;
                             }
                             Step::Confirmed(Ok(())) => {
                                 forwarded += 1;
@@ -578,7 +581,7 @@ where
                                         ticket,
                                         Duration::ZERO,
                                     )),
-                                    _ => publish(&mut sink, &entry, ticket, timeout, &mut steps).await?,
+                                    _ => publish(&mut sink, &entry, ticket, &mut steps).await?,
                                 }
                                 in_flight.insert(ticket, entry);
                             }
@@ -640,9 +643,9 @@ where
                                     steps.push_claim(claim(active.clone(), id.clone(), ticket, Duration::ZERO));
                                 }
                                 in_flight.insert(ticket, entry);
-                                publish_ready(&mut order, position.lane, &mut sink, &in_flight, &mut steps, timeout).await?;
+                                publish_ready(&mut order, position.lane, &mut sink, &in_flight, &mut steps).await?;
                             } else {
-                                publish(&mut sink, &entry, ticket, timeout, &mut steps).await?;
+                                publish(&mut sink, &entry, ticket, &mut steps).await?;
                                 in_flight.insert(ticket, entry);
                             }
                         }
@@ -658,7 +661,7 @@ where
                     }
                 }
                 _ = progress_tick.tick() => {
-                    steps.expire(Instant::now(), settings.confirm_timeout);
+                    steps.expire(Instant::now());
                     progress.emit(Event::Forwarded {
                         forwarded,
                         in_flight: in_flight.len() as u64,
@@ -850,24 +853,24 @@ mod tests {
     #[tokio::test]
     async fn confirmations_are_taken_oldest_first_and_lost_ones_expire() {
         let (first_sender, first) = tokio::sync::oneshot::channel::<()>();
-        let mut steps = Steps::default();
+        let mut steps = Steps::new(Duration::from_secs(60));
         steps.push_confirmation(
             1,
             Box::pin(async move {
                 let _ = first.await;
                 Ok(())
             }),
-            Duration::from_secs(60),
         );
-        steps.push_confirmation(2, Box::pin(async { Ok(()) }), Duration::from_secs(60));
+        steps.push_confirmation(2, Box::pin(async { Ok(()) }));
         assert!(steps.ready().is_none(), "2 is resolved but waits for 1");
         let _ = first_sender.send(());
         assert!(matches!(steps.ready(), Some((1, Step::Confirmed(Ok(()))))));
         assert!(matches!(steps.ready(), Some((2, Step::Confirmed(Ok(()))))));
         assert!(steps.is_empty());
 
-        steps.push_confirmation(3, Box::pin(std::future::pending()), Duration::ZERO);
-        steps.expire(Instant::now() + Duration::from_millis(1), Duration::ZERO);
+        steps.confirm_timeout = Duration::ZERO;
+        steps.push_confirmation(3, Box::pin(std::future::pending()));
+        steps.expire(Instant::now() + Duration::from_millis(1));
         match steps.next().await {
             (3, Step::Confirmed(Err(refusal))) => {
                 assert_eq!(refusal.kind, RefusalKind::Unattributable)
