@@ -1190,6 +1190,10 @@ async fn replay_with_dedup_suppresses_a_second_copy_of_the_same_replay_only() {
         first["actions"].to_string().contains("x-mqdrain-replays"),
         "the plan says what the key counts: {first:#}"
     );
+    assert!(
+        !first["actions"].to_string().contains("stamping"),
+        "replay stamps no id, and its plan does not claim to: {first:#}"
+    );
     let mut replayed: Vec<(String, Option<i64>)> = consume_all(&connection, &target, QUIET)
         .await
         .iter()

@@ -170,11 +170,18 @@ pub fn validate(spec: &DedupSettings) -> Result<()> {
     Ok(())
 }
 
-/// One sentence for the forward plan: where ids come from and where they are kept.
-pub fn describe(spec: &DedupSettings, native_id: &str) -> Option<String> {
+/// One sentence for a plan: where ids come from, where they are kept, then `detail` (what the
+/// caller does with the id); prefixed with "would" for a dry run.
+pub fn describe(
+    spec: &DedupSettings,
+    native_id: &str,
+    detail: &str,
+    dry_run: bool,
+) -> Option<String> {
     let url = spec.url.as_ref()?;
     Some(format!(
-        "suppress duplicates by {} through Redis at {} (kept {}, in-flight marks {}{}), stamping the id into header '{}'",
+        "{}suppress duplicates by {} through Redis at {} (kept {}, in-flight marks {}{}), {detail}",
+        if dry_run { "would " } else { "" },
         spec.id_header
             .as_ref()
             .map_or_else(|| native_id.to_string(), |name| format!("header '{name}'")),
@@ -186,8 +193,12 @@ pub fn describe(spec: &DedupSettings, native_id: &str) -> Option<String> {
         } else {
             "; stops if Redis fails"
         },
-        crate::broker::ID_HEADER
     ))
+}
+
+/// `describe`'s detail for `forward`, which stamps the id for consumers downstream.
+pub fn stamping() -> String {
+    format!("stamping the id into header '{}'", crate::broker::ID_HEADER)
 }
 
 impl Dedup {

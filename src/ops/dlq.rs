@@ -503,14 +503,13 @@ pub struct DlqReplayOutcome {
 impl DlqReplayOutcome {
     /// Says how duplicates are suppressed, if they are; `native_id` names the broker's own id.
     pub fn describe_dedup(&mut self, spec: &DlqReplaySpec, native_id: &str) {
-        if let Some(line) = crate::ops::dedup::describe(&spec.dedup_settings(), native_id) {
-            let line = format!("{line}; the key counts {REPLAYS_HEADER}");
-            self.actions.push(if self.dry_run {
-                format!("would {line}")
-            } else {
-                line
-            });
-        }
+        self.actions.extend(crate::ops::dedup::describe(
+            &spec.dedup_settings(),
+            native_id,
+            // Replay republishes the dead letter's own headers: no id is stamped.
+            &format!("the key counting {REPLAYS_HEADER}"),
+            self.dry_run,
+        ));
     }
 
     pub fn new(spec: &DlqReplaySpec, dry_run: bool) -> Self {

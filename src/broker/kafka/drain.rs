@@ -1003,11 +1003,16 @@ pub async fn forward(
         strategy_name(spec.strategy, &key)
     );
 
-    let dedup_line = dedup::describe(&spec.dedup_settings(), "<topic>-<partition>-<offset>");
+    let dedup_line = dedup::describe(
+        &spec.dedup_settings(),
+        "<topic>-<partition>-<offset>",
+        &dedup::stamping(),
+        dry_run,
+    );
     if dry_run {
         actions.push(format!("would consume {consume_line}"));
         actions.push(format!("would produce to {produce_line}"));
-        actions.extend(dedup_line.map(|line| format!("would {line}")));
+        actions.extend(dedup_line);
         if !members.is_empty() {
             actions.push(format!(
                 "would refuse now: group '{group}' has {} member(s): {}",

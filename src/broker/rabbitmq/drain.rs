@@ -554,15 +554,12 @@ pub async fn forward(
         spec.strategy.name(),
         spec.confirm_window
     )];
-    actions.extend(
-        dedup::describe(&spec.dedup_settings(), "the message-id property").map(|line| {
-            if dry_run {
-                format!("would {line}")
-            } else {
-                line
-            }
-        }),
-    );
+    actions.extend(dedup::describe(
+        &spec.dedup_settings(),
+        "the message-id property",
+        &dedup::stamping(),
+        dry_run,
+    ));
     if dry_run {
         return Ok(ForwardOutcome {
             name: spec.name.clone(),
