@@ -96,15 +96,25 @@ fn is_secret_key(key: &str) -> bool {
     SECRET_KEY_PARTS.iter().any(|part| key.contains(part))
 }
 
-/// Replaces the password of any URL-looking text with `***`; text that is not a URL is returned unchanged.
+/// Replaces the password of any URL-looking text with `***`, whether or not the text parses as
+/// a URL: the texts that fail to parse are the ones echoed in error messages. The credentials are
+/// whatever lies between `://` (or the start) and the last `@`; a path that itself holds an `@`
+/// hides more than the password, never less.
 pub fn redact_url(text: &str) -> String {
-    match Url::parse(text) {
-        Ok(mut url) if url.password().is_some() => {
-            // set_password only fails for URLs that cannot carry credentials, which have none to hide.
-            let _ = url.set_password(Some("***"));
-            url.to_string()
-        }
-        _ => text.to_string(),
+    let authority_start = text.find("://").map_or(0, |index| index + 3);
+    let rest = &text[authority_start..];
+    let Some(at) = rest.rfind('@') else {
+        return text.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &text[..authority_start],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        // A user name alone is no secret.
+        None => text.to_string(),
     }
 }
 
@@ -148,6 +158,13 @@ fn parse_rabbit(
     let parsed = Url::parse(url).map_err(|error| {
         Error::usage(format!("invalid AMQP URL '{}': {error}", redact_url(url)))
     })?;
+    if parsed.fragment().is_some() {
+        // A '#' in a password cuts the URL short and the rest would pass for host and port.
+        return Err(Error::usage(format!(
+            "invalid AMQP URL '{}': it contains '#'; percent-encode it as %23 (in a password too)",
+            redact_url(url)
+        )));
+    }
     let tls = parsed.scheme() == "amqps";
     let host = parsed
         .host_str()
@@ -271,7 +288,8 @@ fn parse_kafka(url: &str, client_config: &[String], ca_file: Option<&str>) -> Re
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
         if !valid {
             return Err(Error::usage(format!(
-                "invalid Kafka bootstrap server '{server}' in '{url}': expected host:port"
+                "invalid Kafka bootstrap server '{server}' in '{}': expected host:port",
+                redact_url(url)
             )));
         }
     }
@@ -389,8 +407,28 @@ mod tests {
     }
 
     #[test]
+    fn redaction_does_not_depend_on_parsing() {
+        for (text, shown) in [
+            ("user:hunter2@host:5672", "user:***@host:5672"),
+            ("amqp://u:hun#ter2@h/", "amqp://u:***@h/"),
+            ("amqp://u:hunter2@h:99999", "amqp://u:***@h:99999"),
+            ("amqp://u:hun/ter2@h/v", "amqp://u:***@h/v"),
+            ("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+            ("amqp://u@h/v", "amqp://u@h/v"),
+            ("kafka://h:9092", "kafka://h:9092"),
+        ] {
+            assert_eq!(redact_url(text), shown, "{text}");
+        }
+    }
+
+    #[test]
     fn bad_urls_are_usage_errors_without_secrets() {
         for url in [
+            "ops:hunter2@h:5672",
+            "amqp://u:hunter2#x@h/",
+            "amqp://u:hunter2@h:99999",
+            "amqp://u:12#hunter2@h/",
+            "amqps://u:hunter2@[::1/",
             "http://u:hunter2@h",
             "kafka://",
             "kafka://user:hunter2@h:9092",
@@ -399,6 +437,17 @@ mod tests {
         ] {
             let error = parse_target(url, None, &[], None).err().unwrap();
             assert_eq!(error.exit_code(), crate::error::exit::USAGE, "{url}");
+            assert!(!error.to_string().contains("hunter2"), "{error}");
+        }
+        for management in [
+            "http://a:hunter2@h:99999",
+            "ftp://a:hunter2@h",
+            "a:hunter2@h",
+        ] {
+            let error = parse_target("amqp://h/", Some(management), &[], None)
+                .err()
+                .unwrap();
+            assert_eq!(error.exit_code(), crate::error::exit::USAGE, "{management}");
             assert!(!error.to_string().contains("hunter2"), "{error}");
         }
         let error = parse_target("kafka://h:1", None, &["novalue".into()], None)

@@ -54,6 +54,32 @@ async fn bad_url_scheme_exits_2() {
 }
 
 #[tokio::test]
+async fn urls_that_do_not_parse_never_show_the_password() {
+    for url in [
+        "ops:Sup3rSecret@127.0.0.1:5672",
+        "amqp://ops:Sup3r#Secret@127.0.0.1/",
+        "amqp://ops:Sup3rSecret@127.0.0.1:99999",
+    ] {
+        let output = mqdrain(&["--url", url, "inspect", "q"]).await;
+        let line = error_line(&output, 2);
+        assert!(!stderr(&output).contains("Sup3r"), "{url}: {line}");
+        assert!(line.contains("ops:***@127.0.0.1"), "{url}: {line}");
+    }
+    let output = mqdrain(&[
+        "--url",
+        "amqp://127.0.0.1/",
+        "--management-url",
+        "http://admin:Sup3rSecret@127.0.0.1:99999",
+        "inspect",
+        "q",
+    ])
+    .await;
+    let line = error_line(&output, 2);
+    assert!(!stderr(&output).contains("Sup3rSecret"), "{line}");
+    assert!(line.contains("invalid management URL"), "{line}");
+}
+
+#[tokio::test]
 async fn missing_url_and_unknown_flag_exit_2() {
     let output = mqdrain(&["inspect", "q"]).await;
     assert_eq!(output.status.code(), Some(2));
@@ -85,3 +111,4 @@ async fn json_errors_are_documents_too() {
     assert_eq!(document["exit_code"], 4);
     assert!(document["error"].as_str().unwrap().contains("cannot reach"));
 }
+

@@ -80,6 +80,21 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The error line of a failed run, after asserting the exit code, that the error is one line
+/// (`mqdrain: error: ...`) and that nothing panicked.
+pub fn error_line(output: &Output, code: i32) -> String {
+    let text = stderr(output);
+    assert_eq!(output.status.code(), Some(code), "stderr: {text}");
+    assert!(
+        !text.contains("panicked") && !text.contains("RUST_BACKTRACE"),
+        "{text}"
+    );
+    let errors: Vec<&str> = text.lines().filter(|line| line.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {text}");
+    assert!(errors[0].starts_with("mqdrain: error: "), "{text}");
+    errors[0].to_string()
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
