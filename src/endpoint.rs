@@ -4,8 +4,22 @@ use crate::error::{Error, Result};
 use percent_encoding::percent_decode_str;
 use url::Url;
 
-/// Client settings whose values are secrets and are never displayed.
-const SECRET_KEY_PARTS: &[&str] = &["password", "secret", "token", "key.pem", "jaas"];
+/// Client settings whose values are never displayed: any key naming a password, secret or token,
+/// and every property librdkafka itself treats as sensitive — except `sasl.username`, which
+/// errors name so the operator can tell which credentials were refused.
+const SECRET_KEY_PARTS: &[&str] = &[
+    "password",
+    "passphrase",
+    "secret",
+    "token",
+    "jaas",
+    "private.key",
+    "key.pem",
+    "ssl_key",
+    "ssl.key.location",
+    "ssl.ca.pem",
+    "sasl.oauthbearer.config",
+];
 
 /// The broker an operation talks to, chosen by the scheme of `--url`.
 #[derive(Clone)]
@@ -88,6 +102,23 @@ impl KafkaTarget {
                 (key.clone(), shown)
             })
             .collect()
+    }
+}
+
+impl KafkaTarget {
+    /// `text` with every secret `-X` value replaced by `***`: librdkafka's own messages may quote
+    /// a value it refused.
+    pub fn hide_secrets(&self, text: &str) -> String {
+        let mut shown = text.to_string();
+        for (key, value) in &self.client_config {
+            // librdkafka trims the values it quotes.
+            for secret in [value.as_str(), value.trim()] {
+                if is_secret_key(key) && !secret.is_empty() {
+                    shown = shown.replace(secret, "***");
+                }
+            }
+        }
+        shown
     }
 }
 
@@ -419,6 +450,43 @@ mod tests {
         ] {
             assert_eq!(redact_url(text), shown, "{text}");
         }
+    }
+
+    #[test]
+    fn librdkafka_sensitive_properties_are_masked() {
+        // librdkafka 2.12's properties flagged _RK_SENSITIVE (rdkafka_conf.c), but sasl.username.
+        for key in [
+            "ssl.key.location",
+            "ssl.key.password",
+            "ssl.key.pem",
+            "ssl_key",
+            "ssl.ca.pem",
+            "ssl.keystore.password",
+            "sasl.password",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.client.credentials.client.secret",
+            "sasl.oauthbearer.assertion.private.key.file",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "sasl.oauthbearer.assertion.private.key.pem",
+            "sasl.jaas.config",
+        ] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        assert!(!is_secret_key("sasl.username"));
+        assert!(!is_secret_key("security.protocol"));
+        let Ok(Target::Kafka(kafka)) = parse_target(
+            "kafka://h:1",
+            None,
+            &["sasl.password= hunter2".into(), "client.id=hunter2x".into()],
+            None,
+        ) else {
+            panic!("expected Kafka")
+        };
+        assert_eq!(
+            kafka.hide_secrets("refused \"hunter2\" and \" hunter2\""),
+            "refused \"***\" and \"***\""
+        );
     }
 
     #[test]

@@ -80,6 +80,30 @@ async fn urls_that_do_not_parse_never_show_the_password() {
 }
 
 #[tokio::test]
+async fn refused_kafka_secret_settings_are_named_but_not_shown() {
+    // This build has no libcurl, so librdkafka refuses the OIDC secret — and quotes its value.
+    for command in [
+        &["inspect", "orders"][..],
+        &["dlq", "inspect", "orders.dlq"][..],
+    ] {
+        let mut args = vec![
+            "--url",
+            "kafka://127.0.0.1:1",
+            "-X",
+            "sasl.oauthbearer.client.secret=S3cretValue",
+        ];
+        args.extend_from_slice(command);
+        let output = mqdrain(&args).await;
+        let line = error_line(&output, 2);
+        assert!(!stderr(&output).contains("S3cretValue"), "{line}");
+        assert!(
+            line.contains("-X sasl.oauthbearer.client.secret"),
+            "{command:?}: {line}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn missing_url_and_unknown_flag_exit_2() {
     let output = mqdrain(&["inspect", "q"]).await;
     assert_eq!(output.status.code(), Some(2));

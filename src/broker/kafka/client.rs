@@ -46,12 +46,9 @@ pub fn confirming_producer(
     for (key, value) in extra {
         config.set(*key, *value);
     }
-    config.create().map_err(|error| {
-        Error::usage(format!(
-            "cannot set up the {role} producer for {}: {error}; check the -X settings",
-            target.bootstrap_servers
-        ))
-    })
+    config
+        .create()
+        .map_err(|error| client_setup_error(target, &format!("{role} producer"), &error))
 }
 
 /// A consumer that never subscribes: it reads metadata, watermarks and a group's offsets
@@ -64,23 +61,32 @@ pub fn observer(target: &KafkaTarget, group: &str) -> Result<BaseConsumer> {
         .set("allow.auto.create.topics", "false");
     config
         .create()
-        .map_err(|error| client_setup_error(target, &error))
+        .map_err(|error| client_setup_error(target, "Kafka client", &error))
 }
 
 pub fn admin(target: &KafkaTarget) -> Result<AdminClient<DefaultClientContext>> {
     base_config(target, "mqdrain-admin")
         .create()
-        .map_err(|error| client_setup_error(target, &error))
+        .map_err(|error| client_setup_error(target, "Kafka client", &error))
 }
 
 pub fn admin_options() -> AdminOptions {
     AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT))
 }
 
-fn client_setup_error(target: &KafkaTarget, error: &KafkaError) -> Error {
+/// librdkafka refused the settings before any request: names the setting, never a secret value.
+pub fn client_setup_error(target: &KafkaTarget, client: &str, error: &KafkaError) -> Error {
+    let reason = match error {
+        // Its Display appends the refused value, which may be a password.
+        KafkaError::ClientConfig(_, description, key, _) => {
+            format!("librdkafka refused -X {key}: {description}")
+        }
+        other => other.to_string(),
+    };
     Error::usage(format!(
-        "cannot set up a Kafka client for {}: {error}; check the -X settings",
-        target.bootstrap_servers
+        "cannot set up the {client} for {}: {}; check the -X settings",
+        target.bootstrap_servers,
+        target.hide_secrets(&reason)
     ))
 }
 
@@ -97,7 +103,7 @@ pub fn request_error(target: &KafkaTarget, what: &str, error: &KafkaError) -> Er
         ) => Error::Unreachable {
             service: SERVICE,
             endpoint: format!("kafka://{}", target.bootstrap_servers),
-            detail: format!("{what}: {error}"),
+            detail: target.hide_secrets(&format!("{what}: {error}")),
         },
         Some(
             RDKafkaErrorCode::Authentication
@@ -115,8 +121,9 @@ pub fn request_error(target: &KafkaTarget, what: &str, error: &KafkaError) -> Er
                 .map_or_else(|| "(none)".to_string(), |(_, user)| user.clone()),
         },
         _ => Error::Broker(format!(
-            "Kafka at {}: {what}: {error}",
-            target.bootstrap_servers
+            "Kafka at {}: {what}: {}",
+            target.bootstrap_servers,
+            target.hide_secrets(&error.to_string())
         )),
     }
 }

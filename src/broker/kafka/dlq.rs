@@ -89,12 +89,9 @@ async fn peek(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("allow.auto.create.topics", "false");
-    let consumer: BaseConsumer = config.create().map_err(|error| {
-        Error::usage(format!(
-            "cannot set up a Kafka consumer for {}: {error}; check the -X settings",
-            target.bootstrap_servers
-        ))
-    })?;
+    let consumer: BaseConsumer = config
+        .create()
+        .map_err(|error| client::client_setup_error(target, "DLQ reading consumer", &error))?;
     let consumer = Arc::new(consumer);
     let partitions = partition_ids(target, &consumer, topic).await?;
     let target = target.clone();

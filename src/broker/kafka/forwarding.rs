@@ -152,12 +152,7 @@ impl KafkaSource {
             );
         let consumer: ForwardConsumer = config
             .create_with_context(ForwardContext::new(topic))
-            .map_err(|error| {
-                Error::usage(format!(
-                    "cannot set up the forwarding consumer for {}: {error}; check the -X settings",
-                    target.bootstrap_servers
-                ))
-            })?;
+            .map_err(|error| client::client_setup_error(target, "forwarding consumer", &error))?;
         consumer.subscribe(&[topic]).map_err(|error| {
             request_error(target, &format!("subscribing to topic '{topic}'"), &error)
         })?;
