@@ -136,3 +136,28 @@ async fn json_errors_are_documents_too() {
     assert!(document["error"].as_str().unwrap().contains("cannot reach"));
 }
 
+#[test]
+fn mqdrain_under_test_uses_the_test_brokers_management_port() {
+    let envs = |args: &[&str]| -> Vec<(String, Option<String>)> {
+        mqdrain_command(args)
+            .as_std()
+            .get_envs()
+            .map(|(key, value)| {
+                (
+                    key.to_string_lossy().into_owned(),
+                    value.map(|value| value.to_string_lossy().into_owned()),
+                )
+            })
+            .collect()
+    };
+    let rabbit = envs(&["--url", &amqp_url(), "inspect", "q"]);
+    assert!(
+        rabbit.contains(&("MQDRAIN_MANAGEMENT_URL".to_string(), Some(management_url()))),
+        "{rabbit:?}"
+    );
+    let kafka = envs(&["--url", &kafka_url(), "inspect", "t"]);
+    assert!(
+        kafka.contains(&("MQDRAIN_MANAGEMENT_URL".to_string(), None)),
+        "{kafka:?}"
+    );
+}

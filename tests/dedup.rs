@@ -295,23 +295,22 @@ async fn killed_rabbit_forwarder_rerun_publishes_each_marked_id_once() {
     let temps: Vec<String> = (0..2).map(|i| format!("{queue}.drain.{i}")).collect();
 
     let redis = redis_url();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
-        .args([
-            "--url",
-            &url,
-            "forward",
-            &queue,
-            "--dedup",
-            &redis,
-            // Large batches leave delivered (and marked) messages unacknowledged at the kill.
-            "--ack-batch",
-            "500",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("forwarder starts");
+    let mut child = mqdrain_command(&[
+        "--url",
+        &url,
+        "forward",
+        &queue,
+        "--dedup",
+        &redis,
+        // Large batches leave delivered (and marked) messages unacknowledged at the kill.
+        "--ack-batch",
+        "500",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .expect("forwarder starts");
     eventually(Duration::from_secs(60), "6000 forwarded", || {
         let temps = temps.clone();
         async move {
@@ -732,8 +731,7 @@ async fn forward_while_redis_dies(extra: &[&str]) -> (std::process::Output, Stri
         "3s",
     ];
     args.extend_from_slice(extra);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
-        .args(&args)
+    let child = mqdrain_command(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

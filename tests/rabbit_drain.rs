@@ -356,8 +356,7 @@ async fn kill_9_mid_run_then_rerun_loses_nothing() {
     let temps = temp_names(&queue, 3);
 
     let url = amqp_url();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
-        .args(["--url", &url, "forward", &queue, "--rate-limit", "4000"])
+    let mut child = mqdrain_command(&["--url", &url, "forward", &queue, "--rate-limit", "4000"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -424,22 +423,21 @@ async fn deleting_a_temporary_queue_under_the_forwarder_fails_without_losing_mes
     let forward = tokio::spawn({
         let queue = queue.clone();
         async move {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
-                .args([
-                    "--url",
-                    &url,
-                    "forward",
-                    &queue,
-                    "--rate-limit",
-                    "1000",
-                    "--max-attempts",
-                    "3",
-                    "--idle-timeout",
-                    "10s",
-                ])
-                .output()
-                .await
-                .unwrap()
+            mqdrain_command(&[
+                "--url",
+                &url,
+                "forward",
+                &queue,
+                "--rate-limit",
+                "1000",
+                "--max-attempts",
+                "3",
+                "--idle-timeout",
+                "10s",
+            ])
+            .output()
+            .await
+            .unwrap()
         }
     });
     // A consumer empties the doomed queue so that the if-empty delete below removes no message.

@@ -210,25 +210,22 @@ async fn sigint_stops_forward_gracefully_and_restore_refuses_while_it_runs() {
     let temps = temp_names(&queue, 3);
 
     let url = amqp_url();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
-        .args([
-            "--url",
-            &url,
-            "forward",
-            &queue,
-            "--rate-limit",
-            "300",
-            "--output",
-            "json",
-        ])
-        .env_remove("MQDRAIN_URL")
-        .env_remove("MQDRAIN_MANAGEMENT_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("forward starts");
+    let child = mqdrain_command(&[
+        "--url",
+        &url,
+        "forward",
+        &queue,
+        "--rate-limit",
+        "300",
+        "--output",
+        "json",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true)
+    .spawn()
+    .expect("forward starts");
     let pid = child.id().expect("pid").to_string();
 
     // Restore decides from the management API's consumer list, so wait until it names the forwarder.

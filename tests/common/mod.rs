@@ -55,12 +55,24 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// The mqdrain binary, aimed at the test brokers: no MQDRAIN_URL from the caller's shell, and
+/// the test broker's management API (MQDRAIN_HTTP_PORT) unless the command talks to Kafka,
+/// where a management URL is a usage error. An explicit --management-url still wins.
+pub fn mqdrain_command<S: AsRef<str>>(args: &[S]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"));
+    command.env_remove("MQDRAIN_URL");
+    if args.iter().any(|arg| arg.as_ref().starts_with("kafka://")) {
+        command.env_remove("MQDRAIN_MANAGEMENT_URL");
+    } else {
+        command.env("MQDRAIN_MANAGEMENT_URL", management_url());
+    }
+    command.args(args.iter().map(AsRef::as_ref));
+    command
+}
+
 /// Runs the mqdrain binary to completion.
 pub async fn mqdrain(args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
-        .args(args)
-        .env_remove("MQDRAIN_URL")
-        .env_remove("MQDRAIN_MANAGEMENT_URL")
+    mqdrain_command(args)
         .output()
         .await
         .expect("the mqdrain binary runs")
