@@ -277,6 +277,75 @@ async fn growing_backlog_without_consumers_warns() {
     cleanup(&queue).await;
 }
 
+/// The test's own application: consumes `queue` at about `per_second`, acking each message.
+async fn paced_consumer(
+    connection: &lapin::Connection,
+    queue: &str,
+    per_second: u64,
+) -> tokio::task::JoinHandle<()> {
+    use futures_util::StreamExt;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = queue.to_string();
+    tokio::spawn(async move {
+        channel
+            .basic_qos(10, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "paced".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let pause = Duration::from_millis(1000 / per_second);
+        while let Some(Ok(delivery)) = consumer.next().await {
+            delivery
+                .ack(lapin::options::BasicAckOptions::default())
+                .await
+                .unwrap();
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn ttl_on_a_queue_that_drains_in_time_is_no_risk() {
+    let queue = unique("ttl-draining");
+    let connection = amqp_connection("test producer").await;
+    let channel = connection.create_channel().await.unwrap();
+    declare_queue(
+        &channel,
+        &queue,
+        &[("x-message-ttl", AMQPValue::LongInt(86_400_000))],
+    )
+    .await;
+    publish(&channel, &queue, 6000).await;
+    let app = amqp_connection("orders-worker healthy").await;
+    let consumer = paced_consumer(&app, &queue, 200).await;
+    let report = eventually(STATS_WAIT, "the queue to be seen draining", || async {
+        let report = inspect_json(&queue, &["--sample", "3s"]).await;
+        if report["drain"]["state"] == "draining" {
+            Ok(report)
+        } else {
+            Err(report.to_string())
+        }
+    })
+    .await;
+    assert_eq!(report["settings"]["message_ttl_ms"]["value"], 86_400_000);
+    assert!(
+        !warning_codes(&report).contains(&"ttl-expiry".to_string()),
+        "draining well within a day: {report}"
+    );
+    let eta = report["drain"]["eta_secs"].as_f64().expect("a numeric ETA");
+    assert!(eta > 0.0 && eta < 86_400.0, "{report}");
+    consumer.abort();
+    let _ = app.close(200, "bye".into()).await;
+    cleanup(&queue).await;
+}
+
 #[tokio::test]
 async fn healthy_queue_has_no_warnings() {
     let queue = unique("healthy");

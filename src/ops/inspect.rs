@@ -4,13 +4,15 @@ use crate::broker::rabbitmq::settings::QueueSettings;
 use crate::broker::{kafka, rabbitmq};
 use crate::endpoint::Target;
 use crate::error::Result;
-use crate::ops::estimate::DrainEstimate;
+use crate::ops::estimate::{DrainEstimate, DrainState};
 use crate::progress::Progress;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// A queue at or above this share of its length limit is "near" it.
 const NEAR_LIMIT_SHARE: f64 = 0.9;
+/// A head message older than this share of the TTL is about to expire.
+const NEAR_EXPIRY_SHARE: f64 = 0.9;
 /// Unconsumed Kafka messages within this share of the retained range are next to be deleted.
 const NEAR_RETENTION_SHARE: f64 = 0.05;
 
@@ -183,18 +185,21 @@ pub fn queue_warnings(report: &QueueReport) -> Vec<Warning> {
             None => "dropped for good (no dead-letter exchange is set)".to_string(),
         };
         if let (Some(ttl), true) = (&settings.message_ttl_ms, has_backlog) {
-            let head = report
-                .head_message_age_secs
-                .map(|age| format!(" The oldest message is {} old.", human_secs(age)))
-                .unwrap_or_default();
-            warnings.push(Warning {
-                code: "ttl-expiry",
-                message: format!(
-                    "Messages expire after {} (x-message-ttl from {}): backlog messages that wait longer are {fate}.{head}",
-                    human_secs(ttl.value as f64 / 1000.0),
-                    ttl.source
-                ),
-            });
+            let ttl_secs = ttl.value as f64 / 1000.0;
+            if let Some(reason) = expiry_risk(report, ttl_secs) {
+                let head = report
+                    .head_message_age_secs
+                    .map(|age| format!(" The oldest message is {} old.", human_secs(age)))
+                    .unwrap_or_default();
+                warnings.push(Warning {
+                    code: "ttl-expiry",
+                    message: format!(
+                        "Messages expire after {} (x-message-ttl from {}) and {reason}: backlog messages that wait longer are {fate}.{head}",
+                        human_secs(ttl_secs),
+                        ttl.source
+                    ),
+                });
+            }
         }
         if let Some((share, limit_text)) = limit_share(report, settings) {
             if share >= NEAR_LIMIT_SHARE {
@@ -236,6 +241,35 @@ pub fn queue_warnings(report: &QueueReport) -> Vec<Warning> {
         }
     }
     warnings
+}
+
+/// Why backlog messages will wait out their TTL before a consumer takes them, if they will: a
+/// queue that drains well within the TTL loses nothing to it.
+fn expiry_risk(report: &QueueReport, ttl_secs: f64) -> Option<String> {
+    if report.consumers == Some(0) {
+        return Some("nothing consumes this queue".to_string());
+    }
+    match report.drain.state {
+        DrainState::Growing => return Some("the backlog is growing".to_string()),
+        DrainState::Stalled => return Some("the backlog is not shrinking".to_string()),
+        _ => {}
+    }
+    // The newest message of the backlog waits about the ETA; the head has waited its age already
+    // and goes first. Whichever is longer decides.
+    if let Some(eta) = report.drain.eta_secs {
+        if eta >= ttl_secs {
+            return Some(format!(
+                "the backlog needs about {} to drain at the current rate",
+                human_secs(eta)
+            ));
+        }
+    }
+    match report.head_message_age_secs {
+        Some(age) if age >= ttl_secs * NEAR_EXPIRY_SHARE => {
+            Some("the oldest message is about to expire".to_string())
+        }
+        _ => None,
+    }
 }
 
 fn limit_share(report: &QueueReport, settings: &QueueSettings) -> Option<(f64, String)> {
@@ -329,5 +363,107 @@ pub fn human_secs(secs: f64) -> String {
         60..=3599 => format!("{}m{:02}s", whole / 60, whole % 60),
         3600..=86399 => format!("{}h{:02}m", whole / 3600, (whole % 3600) / 60),
         _ => format!("{}d{:02}h", whole / 86400, (whole % 86400) / 3600),
+    }
+}
+
+/// A report as the management API gives it for an idle queue, for unit tests to adjust.
+#[cfg(test)]
+pub fn sample_queue_report() -> QueueReport {
+    QueueReport {
+        name: "orders".into(),
+        vhost: "/".into(),
+        depth: Some(1000),
+        ready: Some(1000),
+        unacked: Some(0),
+        message_bytes: Some(1000 * 256),
+        consumers: Some(1),
+        consumer_list: Some(Vec::new()),
+        queue_type: Some("classic".into()),
+        durable: Some(true),
+        policy: None,
+        operator_policy: None,
+        settings: Some(QueueSettings::default()),
+        rates: QueueRates::default(),
+        head_message_age_secs: None,
+        drain: crate::ops::estimate::estimate(&[], None, None),
+        management_api: true,
+        notes: Vec::new(),
+        warnings: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::rabbitmq::settings::Effective;
+    use crate::ops::estimate::{estimate, Sample};
+
+    fn with_ttl(ttl_ms: u64) -> QueueReport {
+        let mut report = sample_queue_report();
+        report.settings = Some(QueueSettings {
+            message_ttl_ms: Some(Effective {
+                value: ttl_ms,
+                source: "argument",
+            }),
+            ..QueueSettings::default()
+        });
+        report
+    }
+
+    fn draining(depth: u64, rate: u64) -> DrainEstimate {
+        let samples: Vec<Sample> = (0..3)
+            .map(|second| Sample {
+                at_secs: second as f64,
+                depth: depth + (2 - second) * rate,
+            })
+            .collect();
+        estimate(&samples, None, None)
+    }
+
+    fn ttl_warned(report: &QueueReport) -> bool {
+        queue_warnings(report)
+            .iter()
+            .any(|warning| warning.code == "ttl-expiry")
+    }
+
+    #[test]
+    fn a_ttl_on_a_queue_that_drains_in_time_is_no_risk() {
+        let mut report = with_ttl(86_400_000);
+        report.drain = draining(1000, 100);
+        assert!(!ttl_warned(&report));
+        // Draining, but slower than the TTL allows.
+        let mut slow = with_ttl(5_000);
+        slow.drain = draining(1000, 100);
+        assert!(ttl_warned(&slow));
+        // Draining in time, but the head is about to expire.
+        report.head_message_age_secs = Some(86_000.0);
+        assert!(ttl_warned(&report));
+    }
+
+    #[test]
+    fn a_ttl_on_a_backlog_nobody_drains_is_a_risk() {
+        let mut unconsumed = with_ttl(86_400_000);
+        unconsumed.consumers = Some(0);
+        assert!(ttl_warned(&unconsumed));
+        let mut stalled = with_ttl(86_400_000);
+        stalled.drain = estimate(
+            &[
+                Sample {
+                    at_secs: 0.0,
+                    depth: 1000,
+                },
+                Sample {
+                    at_secs: 2.0,
+                    depth: 1000,
+                },
+            ],
+            None,
+            None,
+        );
+        assert!(ttl_warned(&stalled));
+        let mut empty = with_ttl(1_000);
+        empty.consumers = Some(0);
+        empty.depth = Some(0);
+        assert!(!ttl_warned(&empty));
     }
 }
