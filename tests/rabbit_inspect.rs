@@ -385,6 +385,22 @@ async fn unknown_queue_exits_3_naming_it() {
 }
 
 #[tokio::test]
+async fn unknown_vhost_exits_3_naming_it() {
+    let vhost = unique("no-vhost");
+    let url = amqp_url().replace("/%2f", &format!("/{vhost}"));
+    let output = mqdrain(&["--url", &url, "inspect", "orders"]).await;
+    let line = error_line(&output, 3);
+    assert!(
+        line.contains(&format!(
+            "vhost '{vhost}' not found (or user 'guest' may not use it)"
+        )),
+        "{line}"
+    );
+    assert!(line.contains("rabbitmqctl list_vhosts"), "{line}");
+    assert!(!line.contains("guest:guest"), "{line}");
+}
+
+#[tokio::test]
 async fn wrong_password_exits_4_without_showing_it() {
     let url = amqp_url().replace("guest:guest", "guest:Sup3rSecret");
     let output = mqdrain(&["--url", &url, "inspect", "anything"]).await;

@@ -16,7 +16,7 @@ pub mod plan;
 pub mod playbook;
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 1 operation failed, 2 bad usage or configuration, 3 queue/topic/group not found,
+Exit codes: 0 ok, 1 operation failed, 2 bad usage or configuration, 3 queue/topic/group/vhost not found,
 4 broker or management API unreachable or credentials refused, 5 timed out, 130 cancelled.
 
 Examples:

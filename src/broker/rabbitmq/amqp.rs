@@ -74,6 +74,22 @@ pub async fn connect_named(target: &RabbitTarget, name: &str) -> Result<Connecti
             {
                 access_refused(target)
             }
+            // During the handshake NOT_ALLOWED answers connection.open: no such vhost, or the
+            // user has no permissions on it (RabbitMQ does not say which).
+            ErrorKind::ProtocolError(amqp)
+                if matches!(amqp.kind(), AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)) =>
+            {
+                Error::NotFound {
+                    kind: "vhost",
+                    name: target.vhost.clone(),
+                    scope: format!(
+                        " (or user '{}' may not use it) on {}",
+                        target.username,
+                        target.amqp_redacted()
+                    ),
+                    hint: "check the vhost in --url (amqp://host:5672/VHOST, percent-encoded: %2f is '/'); `rabbitmqctl list_vhosts` lists them, `rabbitmqctl set_permissions -p VHOST USER '.*' '.*' '.*'` grants access".to_string(),
+                }
+            }
             _ => connection_error(target, &error),
         })
 }
