@@ -1,5 +1,6 @@
 //! Where the broker is: parsing `--url`, `--management-url` and `-X`, and redacting secrets for display.
 
+use crate::broker::rabbitmq::amqp::MAX_SHORT_STRING;
 use crate::error::{Error, Result};
 use percent_encoding::percent_decode_str;
 use url::Url;
@@ -219,6 +220,12 @@ fn parse_rabbit(
         "" | "/" => "/".to_string(),
         path => decode(&path[1..], "vhost")?,
     };
+    if vhost.len() > MAX_SHORT_STRING {
+        return Err(Error::usage(format!(
+            "the vhost in the URL is {} bytes long; AMQP allows at most {MAX_SHORT_STRING}",
+            vhost.len()
+        )));
+    }
     let mut heartbeat = None;
     for (key, value) in parsed.query_pairs() {
         match key.as_ref() {

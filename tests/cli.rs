@@ -161,3 +161,44 @@ fn mqdrain_under_test_uses_the_test_brokers_management_port() {
         "{kafka:?}"
     );
 }
+
+#[tokio::test]
+async fn queue_names_longer_than_amqp_allows_are_usage_errors() {
+    // Port 1: a command that connected before checking the name would exit 4, not 2.
+    let url = "amqp://guest:guest@127.0.0.1:1/%2f";
+    let long = "q".repeat(300);
+    let short = "orders";
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["inspect", &long],
+        vec!["plan", &long, "--target", "30m"],
+        vec!["stop-consumers", &long],
+        vec!["expand", &long, "--factor", "2"],
+        vec!["forward", &long],
+        vec!["forward", short, "--to", &long],
+        vec!["watch", &long],
+        vec!["restore", &long],
+        vec!["dlq", "inspect", &long],
+        vec!["load", "publish", &long, "--count", "1"],
+        vec!["load", "consume", &long],
+    ];
+    for command in commands {
+        let mut args = vec!["--url", url];
+        args.extend_from_slice(&command);
+        let output = mqdrain(&args).await;
+        let line = error_line(&output, 2);
+        assert!(
+            line.contains("is 300 bytes long") && line.contains("1 to 255 bytes"),
+            "{}: {line}",
+            command[0]
+        );
+    }
+    // The suffix of the temporary queues counts too.
+    let almost = "q".repeat(250);
+    let output = mqdrain(&["--url", url, "expand", &almost, "--factor", "12"]).await;
+    let line = error_line(&output, 2);
+    assert!(line.contains("--temp-prefix"), "{line}");
+    let vhost = format!("amqp://127.0.0.1:1/{}", "v".repeat(256));
+    let output = mqdrain(&["--url", &vhost, "inspect", "q"]).await;
+    let line = error_line(&output, 2);
+    assert!(line.contains("vhost in the URL is 256 bytes"), "{line}");
+}

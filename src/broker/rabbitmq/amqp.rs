@@ -13,6 +13,26 @@ const SERVICE: &str = "RabbitMQ (AMQP)";
 /// Prefix of every connection name this tool opens, so that consumer listings can tell ours apart.
 pub const CONNECTION_NAME_PREFIX: &str = "mqdrain ";
 
+/// AMQP carries queue names, routing keys and the vhost as short strings of at most this many
+/// bytes; amq-protocol panics on a longer one (or sends a malformed frame), so every command
+/// checks the names it is given first.
+pub const MAX_SHORT_STRING: usize = 255;
+
+/// A usage error unless `name` can be a RabbitMQ queue name; `what` says which one it is.
+pub fn check_queue_name(name: &str, what: &str) -> Result<()> {
+    if !name.is_empty() && name.len() <= MAX_SHORT_STRING {
+        return Ok(());
+    }
+    let mut shown: String = name.chars().take(40).collect();
+    if shown.len() < name.len() {
+        shown.push_str("...");
+    }
+    Err(Error::usage(format!(
+        "{what} '{shown}' is not a RabbitMQ queue name: it is {} bytes long, and queue names are 1 to {MAX_SHORT_STRING} bytes",
+        name.len()
+    )))
+}
+
 /// What a passive declare tells without the management API.
 #[derive(Debug, Clone, Copy)]
 pub struct PassiveCounts {

@@ -34,8 +34,6 @@ pub const PEEK_METHOD: &str = "consumed with manual acknowledgement and never ac
 const PEEK_QUIET: Duration = Duration::from_secs(2);
 /// Dry runs read at most this many messages unless `--max-messages` says otherwise.
 const DRY_RUN_PEEK: u64 = 10_000;
-/// AMQP short strings (queue names, routing keys) are at most 255 bytes.
-const MAX_NAME: usize = 255;
 
 /// The dead-letter facts of one delivery: the latest `x-death` entry says why it is here now,
 /// `x-first-death-queue` where it came from, and that death's entry the routing key it was
@@ -230,16 +228,6 @@ fn consumer_warning(queue: &str, consumers: u64) -> Option<Warning> {
     })
 }
 
-/// AMQP carries queue names as short strings; checked before lapin would refuse (panic on) one.
-fn check_name(name: &str, what: &str) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_NAME {
-        return Err(Error::usage(format!(
-            "{what} '{name}' is not a queue name: give 1 to {MAX_NAME} bytes"
-        )));
-    }
-    Ok(())
-}
-
 fn check_peek_limit(max: u64) -> Result<()> {
     if max > MAX_RABBIT_PEEK {
         return Err(Error::usage(format!(
@@ -255,7 +243,7 @@ pub async fn inspect(
     progress: &Progress,
 ) -> Result<DlqInspectReport> {
     check_peek_limit(spec.max_messages)?;
-    check_name(&spec.name, "the dead-letter queue")?;
+    amqp::check_queue_name(&spec.name, "the dead-letter queue")?;
     progress.emit(Event::StepStarted {
         step: "dlq-inspect".into(),
         detail: format!("queue '{}' in vhost '{}'", spec.name, target.vhost),
@@ -408,7 +396,7 @@ async fn require_queue(
     name: &str,
     option: &str,
 ) -> Result<()> {
-    check_name(name, option)?;
+    amqp::check_queue_name(name, option)?;
     match amqp::passive_declare(connection, target, name).await {
         Err(Error::NotFound { kind, name, scope, .. }) => Err(Error::NotFound {
             kind,
@@ -436,7 +424,7 @@ pub async fn replay(
             spec.confirm_window, spec.prefetch
         )));
     }
-    check_name(&spec.name, "the dead-letter queue")?;
+    amqp::check_queue_name(&spec.name, "the dead-letter queue")?;
     let peek_limit = spec.max_messages.unwrap_or(DRY_RUN_PEEK);
     if dry_run {
         check_peek_limit(peek_limit)?;

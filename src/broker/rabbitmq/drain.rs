@@ -105,6 +105,7 @@ pub async fn stop_consumers(
     dry_run: bool,
     progress: &Progress,
 ) -> Result<StopConsumersOutcome> {
+    amqp::check_queue_name(&spec.name, "the queue")?;
     progress.emit(Event::StepStarted {
         step: "stop-consumers".into(),
         detail: format!("queue '{}'", spec.name),
@@ -338,6 +339,16 @@ pub async fn expand(
     dry_run: bool,
     progress: &Progress,
 ) -> Result<ExpandOutcome> {
+    amqp::check_queue_name(&spec.name, "the queue")?;
+    // The longest temporary name; a long queue name leaves little room for the suffix.
+    amqp::check_queue_name(
+        &format!(
+            "{}.{}",
+            temp_prefix(&spec.name, spec.temp.as_deref()),
+            factor.saturating_sub(1)
+        ),
+        "the temporary queue (pass a shorter --temp-prefix)",
+    )?;
     progress.emit(Event::StepStarted {
         step: "expand".into(),
         detail: format!("queue '{}' x{}", spec.name, factor),
@@ -496,6 +507,10 @@ pub async fn forward(
     cancel: &CancellationToken,
 ) -> Result<ForwardOutcome> {
     validate_window(spec)?;
+    amqp::check_queue_name(&spec.name, "the queue")?;
+    for name in &spec.to {
+        amqp::check_queue_name(name, "the --to queue")?;
+    }
     let key = parse_key(&spec.key)?;
     let api = management(target)?;
     let source = queue_detail(&api, target, &spec.name).await?;
@@ -696,6 +711,7 @@ pub async fn watch(
     cancel: &CancellationToken,
     on_sample: &mut (dyn FnMut(&WatchSample) + Send),
 ) -> Result<WatchOutcome> {
+    amqp::check_queue_name(&spec.name, "the queue")?;
     let api = management(target)?;
     queue_detail(&api, target, &spec.name).await?;
     let prefix = temp_prefix(&spec.name, spec.temp.as_deref());
@@ -758,6 +774,7 @@ pub async fn restore(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<RestoreOutcome> {
+    amqp::check_queue_name(&spec.name, "the queue")?;
     let api = management(target)?;
     let prefix = temp_prefix(&spec.name, spec.temp.as_deref());
     let temp: Vec<String> = find_temp_queues(&api, target, &prefix)

@@ -19,6 +19,7 @@ pub async fn observe_queue(
     spec: &InspectSpec,
     progress: &Progress,
 ) -> Result<QueueReport> {
+    amqp::check_queue_name(&spec.name, "the queue")?;
     progress.emit(Event::StepStarted {
         step: "inspect".into(),
         detail: format!("queue '{}' on {}", spec.name, target.amqp_redacted()),

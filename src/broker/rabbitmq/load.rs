@@ -50,6 +50,7 @@ pub async fn publish(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<LoadOutcome> {
+    amqp::check_queue_name(&spec.queue, "the queue")?;
     progress.emit(Event::StepStarted {
         step: "load publish".into(),
         detail: format!(
@@ -168,6 +169,7 @@ pub async fn consume(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<LoadOutcome> {
+    amqp::check_queue_name(&spec.queue, "the queue")?;
     progress.emit(Event::StepStarted {
         step: "load consume".into(),
         detail: format!("queue '{}'", spec.queue),
