@@ -26,10 +26,10 @@ fn render_queue(report: &QueueReport) -> String {
         "RabbitMQ queue '{}' (vhost '{}', {} {})",
         report.name,
         report.vhost,
-        if report.durable == Some(false) {
-            "transient"
-        } else {
-            "durable"
+        match report.durable {
+            Some(true) => "durable",
+            Some(false) => "transient",
+            None => "durability unknown,",
         },
         report
             .queue_type
@@ -259,5 +259,35 @@ fn render_tail(out: &mut String, notes: &[String], warnings: &[Warning]) {
     }
     for warning in warnings {
         let _ = writeln!(out, "  WARNING [{}] {}", warning.code, warning.message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::inspect::sample_queue_report;
+
+    fn queue(durable: Option<bool>, queue_type: Option<&str>) -> QueueReport {
+        let mut report = sample_queue_report();
+        report.durable = durable;
+        report.queue_type = queue_type.map(str::to_string);
+        report
+    }
+
+    #[test]
+    fn durability_is_shown_only_when_known() {
+        let first_line = |report: QueueReport| {
+            render_queue(&report)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            first_line(queue(None, None)),
+            "RabbitMQ queue 'orders' (vhost '/', durability unknown, queue of unknown type)"
+        );
+        assert!(first_line(queue(Some(true), Some("quorum"))).ends_with("durable quorum)"));
+        assert!(first_line(queue(Some(false), Some("classic"))).ends_with("transient classic)"));
     }
 }
