@@ -464,3 +464,60 @@ async fn unreachable_management_api_degrades_to_amqp() {
     assert!(stderr(&output).contains("management API unavailable"));
     cleanup(&queue).await;
 }
+
+/// inspect of `queue` through `url` with the management API at `management`, as JSON.
+async fn inspect_degraded(url: &str, management: &str, queue: &str, sample: &str) -> Value {
+    let output = mqdrain(&[
+        "--url",
+        url,
+        "--management-url",
+        management,
+        "inspect",
+        queue,
+        "--output",
+        "json",
+        "--sample",
+        sample,
+    ])
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("Wr0ngPw"), "{}", stderr(&output));
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("Wr0ngPw"));
+    stdout_json(&output)
+}
+
+#[tokio::test]
+async fn management_api_refusing_credentials_degrades_to_amqp_and_says_why() {
+    let queue = unique("mgmt-401");
+    let connection = amqp_connection("test producer").await;
+    let channel = connection.create_channel().await.unwrap();
+    declare_queue(&channel, &queue, &[]).await;
+    publish(&channel, &queue, 9).await;
+    let management = management_url().replace("http://", "http://guest:Wr0ngPw@");
+    let report = inspect_degraded(&amqp_url(), &management, &queue, "0s").await;
+    assert_eq!(report["ready"], 9);
+    assert!(report["depth"].is_null(), "{report}");
+    assert_eq!(report["management_api"], false);
+    let note = report["notes"][0].as_str().unwrap();
+    assert!(
+        note.contains("refused the credentials of user 'guest'"),
+        "{note}"
+    );
+    assert!(note.contains("monitoring"), "{note}");
+
+    // A user AMQP lets in but the API does not (no tag): the same degradation.
+    let user = unique("no-tags");
+    put_user(&user, "pw", "").await;
+    let url = amqp_url().replace("guest:guest", &format!("{user}:pw"));
+    let report = inspect_degraded(&url, &management_url(), &queue, "0s").await;
+    assert_eq!(report["ready"], 9);
+    assert_eq!(report["management_api"], false);
+    let note = report["notes"][0].as_str().unwrap();
+    assert!(
+        note.contains(&format!("refused the credentials of user '{user}'")),
+        "{note}"
+    );
+    delete_user(&user).await;
+    cleanup(&queue).await;
+}
+

@@ -185,33 +185,65 @@ pub async fn publish(channel: &Channel, queue: &str, count: usize) -> usize {
     acked
 }
 
-/// PUT a policy through the management API (the test's own HTTP client).
-pub async fn put_policy(name: &str, pattern: &str, definition: Value) {
+/// PUT `body` to the management API path `path` (after `/api/`), as guest; panics unless it succeeds.
+pub async fn api_put(path: &str, body: Value) {
     let response = reqwest::Client::new()
-        .put(format!("{}/api/policies/%2f/{name}", management_url()))
+        .put(format!("{}/api/{path}", management_url()))
         .basic_auth("guest", Some("guest"))
-        .json(&serde_json::json!({
-            "pattern": pattern,
-            "definition": definition,
-            "apply-to": "queues",
-            "priority": 10,
-        }))
+        .json(&body)
         .send()
         .await
-        .expect("policy request");
+        .expect("management request");
     assert!(
         response.status().is_success(),
-        "policy PUT: {}",
+        "PUT {path}: {}",
         response.status()
     );
 }
 
-pub async fn delete_policy(name: &str) {
+/// DELETE a management API path, as guest; a missing object is fine.
+pub async fn api_delete(path: &str) {
     let _ = reqwest::Client::new()
-        .delete(format!("{}/api/policies/%2f/{name}", management_url()))
+        .delete(format!("{}/api/{path}", management_url()))
         .basic_auth("guest", Some("guest"))
         .send()
         .await;
+}
+
+/// PUT a policy through the management API (the test's own HTTP client).
+pub async fn put_policy(name: &str, pattern: &str, definition: Value) {
+    api_put(
+        &format!("policies/%2f/{name}"),
+        serde_json::json!({
+            "pattern": pattern,
+            "definition": definition,
+            "apply-to": "queues",
+            "priority": 10,
+        }),
+    )
+    .await;
+}
+
+pub async fn delete_policy(name: &str) {
+    api_delete(&format!("policies/%2f/{name}")).await;
+}
+
+/// Creates (or resets) a user with `tags` and full permissions on vhost `/`, as guest.
+pub async fn put_user(name: &str, password: &str, tags: &str) {
+    api_put(
+        &format!("users/{name}"),
+        serde_json::json!({"password": password, "tags": tags}),
+    )
+    .await;
+    api_put(&format!("permissions/%2f/{name}"), full_permissions()).await;
+}
+
+pub async fn delete_user(name: &str) {
+    api_delete(&format!("users/{name}")).await;
+}
+
+fn full_permissions() -> Value {
+    serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})
 }
 
 pub mod kafka {

@@ -4,7 +4,7 @@ use super::amqp::{self, CONNECTION_NAME_PREFIX};
 use super::management::{ConnectionInfo, Management, QueueDetail};
 use super::settings;
 use crate::endpoint::RabbitTarget;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::estimate::{self, Sample};
 use crate::ops::inspect::{ConsumerInfo, InspectSpec, QueueRates, QueueReport};
 use crate::progress::{Event, Level, Progress};
@@ -28,21 +28,20 @@ pub async fn observe_queue(
     // Proves the queue exists (and the credentials work) before anything else is asked.
     let passive = amqp::passive_declare(&connection, target, &spec.name).await?;
     let mut notes = Vec::new();
-    let management = match Management::new(&target.management, target.ca_file.as_deref()) {
+    let mut management = match Management::new(&target.management, target.ca_file.as_deref()) {
         Ok(management) => Some(management),
         Err(error) => {
-            notes.push(degraded_note(&error.to_string()));
+            notes.push(degraded_note(&error));
             None
         }
     };
-    let mut management = management;
     let mut first_detail = None;
     if let Some(api) = &management {
         match api.queue(&target.vhost, &spec.name).await {
             Ok(Some(detail)) => first_detail = Some(detail),
             Ok(None) => return Err(amqp::queue_not_found(target, &spec.name)),
             Err(error) => {
-                notes.push(degraded_note(&error.to_string()));
+                notes.push(degraded_note(&error));
                 management = None;
             }
         }
@@ -146,9 +145,21 @@ pub async fn observe_queue(
     Ok(report)
 }
 
-fn degraded_note(error: &str) -> String {
+fn degraded_note(error: &Error) -> String {
+    let (why, fix) = match error {
+        Error::AccessRefused {
+            endpoint, user, ..
+        } => (
+            format!("the management API at {endpoint} refused the credentials of user '{user}'"),
+            "pass --management-url http://USER:PASSWORD@HOST:15672 with a user the API accepts (tag 'monitoring' or 'administrator')",
+        ),
+        other => (
+            format!("management API unavailable ({other})"),
+            "fix that, or pass --management-url if the API listens elsewhere",
+        ),
+    };
     format!(
-        "management API unavailable ({error}); showing what AMQP alone tells: ready messages and consumer count only — no unacked count, rates, consumer list or policies. Pass --management-url if the API listens elsewhere"
+        "{why}; showing what AMQP alone tells: ready messages and consumer count only — no unacked count, rates, consumer list or policies. To see everything, {fix}"
     )
 }
 
