@@ -521,3 +521,59 @@ async fn management_api_refusing_credentials_degrades_to_amqp_and_says_why() {
     cleanup(&queue).await;
 }
 
+#[tokio::test]
+async fn management_api_that_does_not_know_the_queue_degrades_instead_of_exit_3() {
+    let queue = unique("mgmt-404");
+    // A vhost of its own: the API answers 404 (not 400) for unknown paths without '%2f' in them.
+    let vhost = unique("vhost");
+    put_vhost(&vhost).await;
+    let url = amqp_url().replace("/%2f", &format!("/{vhost}"));
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    declare_queue(&channel, &queue, &[]).await;
+    publish(&channel, &queue, 4).await;
+    // Another path on the same server, as if the API were another broker's: every request is a 404.
+    let management = format!("{}/elsewhere", management_url());
+    let report = inspect_degraded(&url, &management, &queue, "0s").await;
+    assert_eq!(report["ready"], 4);
+    assert_eq!(report["management_api"], false);
+    let note = report["notes"][0].as_str().unwrap();
+    assert!(note.contains("although AMQP found it"), "{note}");
+    let _ = connection.close(200, "bye".into()).await;
+    delete_vhost(&vhost).await;
+}
+
+#[tokio::test]
+async fn management_api_failing_while_sampling_keeps_what_was_seen() {
+    let queue = unique("mgmt-midway");
+    let connection = amqp_connection("test producer").await;
+    let channel = connection.create_channel().await.unwrap();
+    declare_queue(&channel, &queue, &[]).await;
+    publish(&channel, &queue, 6).await;
+    inspect_when_depth(&queue, 6, &["--sample", "0s"]).await;
+    let user = unique("midway");
+    put_user(&user, "pw", "monitoring").await;
+    let url = amqp_url().replace("guest:guest", &format!("{user}:pw"));
+    let inspect = tokio::spawn({
+        let queue = queue.clone();
+        async move { inspect_degraded(&url, &management_url(), &queue, "10s").await }
+    });
+    // Once inspect is connected its first management request follows at once; a second later
+    // it is sampling, and the API refuses the user from the next request on.
+    wait_for_connection(&format!("mqdrain inspect {queue}")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    put_user(&user, "changed", "monitoring").await;
+    let report = inspect.await.unwrap();
+    assert_eq!(report["depth"], 6, "{report}");
+    assert_eq!(report["management_api"], true);
+    let note = report["notes"][0].as_str().unwrap();
+    assert!(
+        note.contains("the management API failed while sampling"),
+        "{note}"
+    );
+    assert!(note.contains(&format!("user '{user}'")), "{note}");
+    delete_user(&user).await;
+    cleanup(&queue).await;
+}

@@ -242,8 +242,47 @@ pub async fn delete_user(name: &str) {
     api_delete(&format!("users/{name}")).await;
 }
 
+/// Creates a vhost, as guest, and gives guest full permissions on it.
+pub async fn put_vhost(name: &str) {
+    api_put(&format!("vhosts/{name}"), serde_json::json!({})).await;
+    api_put(&format!("permissions/{name}/guest"), full_permissions()).await;
+}
+
+pub async fn delete_vhost(name: &str) {
+    api_delete(&format!("vhosts/{name}")).await;
+}
+
 fn full_permissions() -> Value {
     serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})
+}
+
+/// Waits until the management API lists a client connection named `name`.
+pub async fn wait_for_connection(name: &str) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("connection '{name}'"),
+        || async {
+            let connections: Value = reqwest::Client::new()
+                .get(format!("{}/api/connections", management_url()))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await
+                .map_err(|error| error.to_string())?
+                .json()
+                .await
+                .map_err(|error| error.to_string())?;
+            let named = connections.as_array().is_some_and(|list| {
+                list.iter()
+                    .any(|c| c["client_properties"]["connection_name"] == name)
+            });
+            if named {
+                Ok(())
+            } else {
+                Err("not listed yet".to_string())
+            }
+        },
+    )
+    .await;
 }
 
 pub mod kafka {

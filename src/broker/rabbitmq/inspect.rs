@@ -39,7 +39,16 @@ pub async fn observe_queue(
     if let Some(api) = &management {
         match api.queue(&target.vhost, &spec.name).await {
             Ok(Some(detail)) => first_detail = Some(detail),
-            Ok(None) => return Err(amqp::queue_not_found(target, &spec.name)),
+            // AMQP just found the queue: the API is another broker's, or behind another path.
+            Ok(None) => {
+                notes.push(degraded_note(&Error::Broker(format!(
+                    "the management API at {} does not know queue '{}' in vhost '{}' although AMQP found it: does --management-url point at the same broker?",
+                    api.endpoint(),
+                    spec.name,
+                    target.vhost
+                ))));
+                management = None;
+            }
             Err(error) => {
                 notes.push(degraded_note(&error));
                 management = None;
@@ -82,9 +91,20 @@ pub async fn observe_queue(
         });
         tokio::time::sleep(SAMPLE_INTERVAL.min(spec.sample - elapsed)).await;
         match &management {
-            Some(api) => match api.queue(&target.vhost, &spec.name).await? {
-                Some(next) => detail = Some(next),
-                None => return Err(amqp::queue_not_found(target, &spec.name)),
+            Some(api) => match api.queue(&target.vhost, &spec.name).await {
+                Ok(Some(next)) => detail = Some(next),
+                // The report keeps what was seen so far rather than losing the whole run.
+                failed => {
+                    let why = match failed {
+                        Err(error) => error.to_string(),
+                        _ => "the queue disappeared from its listing".to_string(),
+                    };
+                    notes.push(format!(
+                        "the management API failed while sampling ({why}); figures and the drain estimate are from the {:.0}s sampled before",
+                        started.elapsed().as_secs_f64()
+                    ));
+                    break;
+                }
             },
             None => {
                 let counts = amqp::passive_declare(&connection, target, &spec.name).await?;
