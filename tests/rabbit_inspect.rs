@@ -145,6 +145,10 @@ async fn ttl_with_dead_letter_exchange_warns_of_dead_lettering() {
                 "x-dead-letter-exchange",
                 AMQPValue::LongString("orders.dlx".into()),
             ),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString("expired".into()),
+            ),
         ],
     )
     .await;
@@ -158,8 +162,12 @@ async fn ttl_with_dead_letter_exchange_warns_of_dead_lettering() {
         .unwrap_or_else(|| panic!("no ttl-expiry warning in {report}"));
     let message = warning["message"].as_str().unwrap();
     assert!(
-        message.contains("dead-lettered to exchange 'orders.dlx'"),
+        message.contains("dead-lettered to exchange 'orders.dlx' with routing key 'expired'"),
         "{message}"
+    );
+    assert_eq!(
+        report["settings"]["dead_letter_routing_key"],
+        serde_json::json!({"value": "expired", "source": "argument"})
     );
     assert_eq!(report["settings"]["message_ttl_ms"]["value"], 600_000);
     assert_eq!(report["settings"]["message_ttl_ms"]["source"], "argument");
@@ -215,6 +223,91 @@ async fn queue_at_length_limit_with_drop_head_warns() {
         "{report}"
     );
     assert!(!warning_codes(&report).contains(&"length-limit-reject-publish".to_string()));
+    cleanup(&queue).await;
+}
+
+#[tokio::test]
+async fn operator_policy_limit_is_reported_with_its_source_and_near_limit_warns() {
+    let queue = unique("operator-policy");
+    let policy = format!("{queue}-operator");
+    let connection = amqp_connection("test producer").await;
+    let channel = connection.create_channel().await.unwrap();
+    declare_queue(
+        &channel,
+        &queue,
+        &[("x-max-length", AMQPValue::LongInt(100))],
+    )
+    .await;
+    put_operator_policy(
+        &policy,
+        &format!("^{queue}$"),
+        serde_json::json!({"max-length": 20}),
+    )
+    .await;
+    // 19 of 20: near the limit, not yet at it.
+    publish(&channel, &queue, 19).await;
+    let report = eventually(STATS_WAIT, "the operator policy to apply", || async {
+        let report = inspect_json(&queue, &["--sample", "0s"]).await;
+        if report["depth"] == 19 && report["operator_policy"] == policy.as_str() {
+            Ok(report)
+        } else {
+            Err(report.to_string())
+        }
+    })
+    .await;
+    assert_eq!(
+        report["settings"]["max_length"],
+        serde_json::json!({"value": 20, "source": "operator-policy"}),
+        "{report}"
+    );
+    let warning = report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|warning| warning["code"] == "length-limit-drop-head")
+        .unwrap_or_else(|| panic!("no near-limit warning in {report}"));
+    let message = warning["message"].as_str().unwrap();
+    assert!(
+        message.contains("near its length limit (19 of 20 messages)"),
+        "{message}"
+    );
+    delete_operator_policy(&policy).await;
+    cleanup(&queue).await;
+}
+
+#[tokio::test]
+async fn queue_at_its_byte_limit_warns() {
+    let queue = unique("maxbytes");
+    let connection = amqp_connection("test producer").await;
+    let channel = connection.create_channel().await.unwrap();
+    declare_queue(
+        &channel,
+        &queue,
+        &[("x-max-length-bytes", AMQPValue::LongInt(1000))],
+    )
+    .await;
+    // About 2 kB of bodies ("payload N"): drop-head keeps the newest kilobyte.
+    publish(&channel, &queue, 200).await;
+    let report = eventually(STATS_WAIT, "the byte limit in the stats", || async {
+        let report = inspect_json(&queue, &["--sample", "0s"]).await;
+        if warning_codes(&report).contains(&"length-limit-drop-head".to_string()) {
+            Ok(report)
+        } else {
+            Err(report.to_string())
+        }
+    })
+    .await;
+    assert_eq!(
+        report["settings"]["max_length_bytes"],
+        serde_json::json!({"value": 1000, "source": "argument"})
+    );
+    let bytes = report["message_bytes"].as_u64().unwrap();
+    assert!((900..=1000).contains(&bytes), "{report}");
+    let message = report["warnings"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{bytes} of 1000 bytes")),
+        "{message}"
+    );
     cleanup(&queue).await;
 }
 

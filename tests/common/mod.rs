@@ -212,8 +212,21 @@ pub async fn api_delete(path: &str) {
 
 /// PUT a policy through the management API (the test's own HTTP client).
 pub async fn put_policy(name: &str, pattern: &str, definition: Value) {
+    put_policy_of("policies", name, pattern, definition).await;
+}
+
+/// PUT an operator policy: limits the administrator imposes over the users' own policies.
+pub async fn put_operator_policy(name: &str, pattern: &str, definition: Value) {
+    put_policy_of("operator-policies", name, pattern, definition).await;
+}
+
+pub async fn delete_operator_policy(name: &str) {
+    api_delete(&format!("operator-policies/%2f/{name}")).await;
+}
+
+async fn put_policy_of(kind: &str, name: &str, pattern: &str, definition: Value) {
     api_put(
-        &format!("policies/%2f/{name}"),
+        &format!("{kind}/%2f/{name}"),
         serde_json::json!({
             "pattern": pattern,
             "definition": definition,

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::ops::estimate::{self, Sample};
 use crate::ops::inspect::{ConsumerInfo, InspectSpec, QueueRates, QueueReport};
 use crate::progress::{Event, Level, Progress};
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -103,6 +104,7 @@ pub async fn observe_queue(
                         "the management API failed while sampling ({why}); figures and the drain estimate are from the {:.0}s sampled before",
                         started.elapsed().as_secs_f64()
                     ));
+                    management = None;
                     break;
                 }
             },
@@ -127,10 +129,23 @@ pub async fn observe_queue(
         },
         None => None,
     };
+    let operator_policy = match (&management, &detail) {
+        (Some(api), Some(detail)) => {
+            operator_policy_definition(api, target, detail, &mut notes).await
+        }
+        _ => None,
+    };
     let _ = connection.close(200, "inspect done".into()).await;
 
     let report = match detail {
-        Some(detail) => from_detail(target, detail, connections.as_deref(), drain, notes),
+        Some(detail) => from_detail(
+            target,
+            detail,
+            connections.as_deref(),
+            operator_policy.as_ref(),
+            drain,
+            notes,
+        ),
         None => QueueReport {
             name: spec.name.clone(),
             vhost: target.vhost.clone(),
@@ -183,10 +198,34 @@ fn degraded_note(error: &Error) -> String {
     )
 }
 
+/// The definition of the operator policy that applies to the queue, if any: the API merges it
+/// into the effective definition, and only this tells which limits it imposed.
+async fn operator_policy_definition(
+    api: &Management,
+    target: &RabbitTarget,
+    detail: &QueueDetail,
+    notes: &mut Vec<String>,
+) -> Option<Map<String, Value>> {
+    let name = detail
+        .operator_policy
+        .as_deref()
+        .filter(|name| !name.is_empty())?;
+    match api.operator_policy_definition(&target.vhost, name).await {
+        Ok(definition) => definition,
+        Err(error) => {
+            notes.push(format!(
+                "could not read operator policy '{name}' ({error}); the limits it sets show as source 'policy'"
+            ));
+            None
+        }
+    }
+}
+
 fn from_detail(
     target: &RabbitTarget,
     detail: QueueDetail,
     connections: Option<&[ConnectionInfo]>,
+    operator_policy: Option<&Map<String, Value>>,
     drain: estimate::DrainEstimate,
     notes: Vec<String>,
 ) -> QueueReport {
@@ -237,10 +276,16 @@ fn from_detail(
             .operator_policy
             .clone()
             .filter(|name| !name.is_empty()),
-        settings: Some(settings::resolve(
-            &detail.arguments,
-            detail.effective_policy_definition.as_ref(),
-        )),
+        settings: Some({
+            let mut settings = settings::resolve(
+                &detail.arguments,
+                detail.effective_policy_definition.as_ref(),
+            );
+            if let Some(definition) = operator_policy {
+                settings.attribute_operator_policy(definition);
+            }
+            settings
+        }),
         rates: QueueRates {
             publish: stats.inflow(),
             deliver: rate(&stats.deliver_get_details),

@@ -136,6 +136,23 @@ impl Management {
         self.get_optional(&["queues", vhost, name]).await
     }
 
+    /// The definition of an operator policy, or `None` when there is no such policy.
+    pub async fn operator_policy_definition(
+        &self,
+        vhost: &str,
+        name: &str,
+    ) -> Result<Option<Map<String, Value>>> {
+        #[derive(Deserialize)]
+        struct Policy {
+            #[serde(default)]
+            definition: Map<String, Value>,
+        }
+        let policy: Option<Policy> = self
+            .get_optional(&["operator-policies", vhost, name])
+            .await?;
+        Ok(policy.map(|policy| policy.definition))
+    }
+
     /// Names of every queue in the vhost.
     pub async fn queue_names(&self, vhost: &str) -> Result<Vec<String>> {
         #[derive(Deserialize)]

@@ -3,7 +3,8 @@
 //! RabbitMQ's own rule: for the numeric limits (TTL, max-length, max-length-bytes, delivery-limit,
 //! expires) the smaller of argument and policy wins; for overflow and dead-lettering the queue
 //! argument wins over the policy. `effective_policy_definition` already merges the policy with any
-//! operator policy, so it is read as one source.
+//! operator policy, so it is read as one source; the operator policy's own definition then tells
+//! which of its values came from the operator policy.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -11,7 +12,7 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Effective<T> {
     pub value: T,
-    /// "argument" or "policy": where the value that applies comes from.
+    /// "argument", "policy" or "operator-policy": where the value that applies comes from.
     pub source: &'static str,
 }
 
@@ -28,6 +29,53 @@ pub struct QueueSettings {
 }
 
 impl QueueSettings {
+    /// Re-labels the policy values that the operator policy `definition` imposes (the merged
+    /// policy value equals the operator policy's: for the numeric limits the smaller wins).
+    pub fn attribute_operator_policy(&mut self, definition: &Map<String, Value>) {
+        fn numeric(
+            setting: &mut Option<Effective<u64>>,
+            definition: &Map<String, Value>,
+            key: &str,
+        ) {
+            if let Some(setting) = setting {
+                if setting.source == "policy"
+                    && definition.get(key).and_then(number) == Some(setting.value)
+                {
+                    setting.source = "operator-policy";
+                }
+            }
+        }
+        fn text(
+            setting: &mut Option<Effective<String>>,
+            definition: &Map<String, Value>,
+            key: &str,
+        ) {
+            if let Some(setting) = setting {
+                if setting.source == "policy"
+                    && definition.get(key).and_then(Value::as_str) == Some(setting.value.as_str())
+                {
+                    setting.source = "operator-policy";
+                }
+            }
+        }
+        numeric(&mut self.message_ttl_ms, definition, "message-ttl");
+        numeric(&mut self.max_length, definition, "max-length");
+        numeric(&mut self.max_length_bytes, definition, "max-length-bytes");
+        numeric(&mut self.delivery_limit, definition, "delivery-limit");
+        numeric(&mut self.expires_ms, definition, "expires");
+        text(&mut self.overflow, definition, "overflow");
+        text(
+            &mut self.dead_letter_exchange,
+            definition,
+            "dead-letter-exchange",
+        );
+        text(
+            &mut self.dead_letter_routing_key,
+            definition,
+            "dead-letter-routing-key",
+        );
+    }
+
     /// `drop-head` is RabbitMQ's default when no overflow behaviour is set.
     pub fn overflow_behaviour(&self) -> &str {
         self.overflow
@@ -166,6 +214,33 @@ mod tests {
             Some("dlx-arg")
         );
         assert_eq!(settings.overflow_behaviour(), "reject-publish");
+    }
+
+    #[test]
+    fn operator_policy_limits_say_so() {
+        let arguments = object(json!({"x-max-length": 100}));
+        // The API's merge of a policy (max-length 70, ttl 5000) and an operator policy (50).
+        let merged = json!({"max-length": 50, "message-ttl": 5000});
+        let mut settings = resolve(&arguments, Some(&merged));
+        settings.attribute_operator_policy(&object(json!({"max-length": 50})));
+        assert_eq!(
+            settings.max_length,
+            Some(Effective {
+                value: 50,
+                source: "operator-policy"
+            })
+        );
+        assert_eq!(
+            settings.message_ttl_ms.map(|ttl| ttl.source),
+            Some("policy")
+        );
+        // An operator limit above the queue's argument does not apply.
+        let mut argument_wins = resolve(&object(json!({"x-max-length": 10})), Some(&merged));
+        argument_wins.attribute_operator_policy(&object(json!({"max-length": 50})));
+        assert_eq!(
+            argument_wins.max_length.map(|limit| limit.source),
+            Some("argument")
+        );
     }
 
     #[test]
