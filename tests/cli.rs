@@ -4,14 +4,9 @@ mod common;
 
 use common::*;
 
-#[tokio::test]
-async fn every_subcommand_has_help() {
-    let top = mqdrain(&["--help"]).await;
-    assert!(top.status.success());
-    let text = String::from_utf8_lossy(&top.stdout).into_owned();
-    assert!(text.contains("Exit codes"), "{text}");
-    let subcommands: Vec<&str> = text
-        .lines()
+/// The subcommand names listed under "Commands:" in a help text.
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
         .skip_while(|line| !line.starts_with("Commands:"))
         .skip(1)
         .take_while(|line| line.starts_with("  "))
@@ -19,7 +14,17 @@ async fn every_subcommand_has_help() {
         .filter(|line| !line.starts_with("   "))
         .filter_map(|line| line.split_whitespace().next())
         .filter(|name| *name != "help")
-        .collect();
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_subcommand_has_help() {
+    let top = mqdrain(&["--help"]).await;
+    assert!(top.status.success());
+    let text = String::from_utf8_lossy(&top.stdout).into_owned();
+    assert!(text.contains("Exit codes"), "{text}");
+    let top_level = subcommands(&text);
     for expected in [
         "inspect",
         "stop-consumers",
@@ -29,18 +34,48 @@ async fn every_subcommand_has_help() {
         "restore",
         "plan",
         "dlq",
+        "playbook",
+        "load",
     ] {
         assert!(
-            subcommands.contains(&expected),
-            "{expected} missing from {subcommands:?}"
+            top_level.iter().any(|name| name == expected),
+            "{expected} missing from {top_level:?}"
         );
     }
-    for subcommand in subcommands {
-        let output = mqdrain(&[subcommand, "--help"]).await;
-        assert!(output.status.success(), "{subcommand} --help");
-        let help = String::from_utf8_lossy(&output.stdout);
-        assert!(help.contains("Usage: mqdrain"), "{subcommand}: {help}");
-        assert!(help.contains("--url"), "{subcommand}: {help}");
+    // Depth first through nested groups (dlq inspect, playbook run, load publish, ...).
+    let mut pending: Vec<Vec<String>> = top_level.into_iter().map(|name| vec![name]).collect();
+    let mut seen = Vec::new();
+    while let Some(path) = pending.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let output = mqdrain(&args).await;
+        let shown = path.join(" ");
+        assert!(output.status.success(), "{shown} --help");
+        let help = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            help.contains(&format!("Usage: mqdrain {shown}")),
+            "{shown}: {help}"
+        );
+        assert!(help.contains("--url"), "{shown}: {help}");
+        for child in subcommands(&help) {
+            let mut next = path.clone();
+            next.push(child);
+            pending.push(next);
+        }
+        seen.push(shown);
+    }
+    for nested in [
+        "dlq inspect",
+        "dlq replay",
+        "playbook check",
+        "playbook run",
+        "load publish",
+        "load consume",
+    ] {
+        assert!(
+            seen.iter().any(|path| path == nested),
+            "{nested} not reached: {seen:?}"
+        );
     }
 }
 

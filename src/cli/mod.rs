@@ -432,3 +432,15 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
         format!("'{text}' is not a duration ({error}); examples: 500ms, 5s, 2m, 1h30m")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap's own checks: duplicate flags, bad defaults, conflicting names, ...
+        Cli::command().debug_assert();
+    }
+}
