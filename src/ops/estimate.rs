@@ -24,7 +24,8 @@ pub enum DrainState {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DrainEstimate {
-    pub window_secs: f64,
+    /// Seconds between the first and the last sample; `null` without samples.
+    pub window_secs: Option<f64>,
     /// Messages arriving per second, when the broker reports it.
     pub inflow_rate: Option<f64>,
     /// Messages consumed for good per second, when the broker reports it.
@@ -33,7 +34,8 @@ pub struct DrainEstimate {
     pub net_drain_rate: Option<f64>,
     pub eta_secs: Option<f64>,
     pub state: DrainState,
-    /// How `net_drain_rate` was obtained: "depth-samples" or "broker-rates".
+    /// How `net_drain_rate` was obtained: "depth-samples", or "broker-rates" when the depth did not
+    /// move and the broker reported both rates.
     pub method: &'static str,
 }
 
@@ -81,11 +83,10 @@ pub fn estimate(
     let moved = samples
         .windows(2)
         .any(|pair| pair[0].depth != pair[1].depth);
+    // An unknown rate is not zero: without both the net rate is left to the samples.
     let from_rates = match (inflow_rate, outflow_rate) {
         (Some(inflow), Some(outflow)) => Some(outflow - inflow),
-        (None, Some(outflow)) => Some(outflow),
-        (Some(inflow), None) => Some(-inflow),
-        (None, None) => None,
+        _ => None,
     };
     let (net, method) = match (moved, from_rates) {
         (false, Some(rate)) => (Some(rate), "broker-rates"),
@@ -93,7 +94,7 @@ pub fn estimate(
     };
     let (state, eta_secs) = project(depth, net);
     DrainEstimate {
-        window_secs: samples.last().map_or(0.0, |sample| sample.at_secs),
+        window_secs: samples.last().map(|sample| sample.at_secs),
         inflow_rate,
         outflow_rate,
         net_drain_rate: net,
@@ -143,14 +144,21 @@ mod tests {
             estimate(&flat, Some(5.0), Some(5.0)).state,
             DrainState::Stalled
         );
-        assert_eq!(estimate(&flat, Some(5.0), None).state, DrainState::Growing);
+        // One rate unknown: not taken as zero, the flat samples decide.
+        let half_known = estimate(&flat, Some(5.0), None);
+        assert_eq!(half_known.method, "depth-samples");
+        assert_eq!(half_known.state, DrainState::Stalled);
+        assert_eq!(estimate(&flat, None, Some(5.0)).state, DrainState::Stalled);
     }
 
     #[test]
     fn empty_and_unknown() {
         assert_eq!(project(Some(0), None), (DrainState::Empty, Some(0.0)));
         assert_eq!(project(None, Some(3.0)), (DrainState::Unknown, None));
-        assert_eq!(estimate(&[], None, None).state, DrainState::Unknown);
+        let nothing = estimate(&[], None, None);
+        assert_eq!(nothing.state, DrainState::Unknown);
+        assert_eq!(nothing.window_secs, None);
+        assert_eq!(nothing.net_drain_rate, None);
         assert_eq!(shrink_rate(&samples(&[(1.0, 5), (1.0, 9)])), None);
     }
 }

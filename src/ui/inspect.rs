@@ -240,13 +240,15 @@ fn render_drain(out: &mut String, drain: &DrainEstimate, what: &str) {
         DrainState::Stalled => format!("not moving: the {what} did not change"),
         DrainState::Unknown => "unknown (no usable samples)".to_string(),
     };
+    let measured = match drain.window_secs {
+        Some(window) => format!("measured over {window:.0}s from {}", drain.method),
+        None => "no samples".to_string(),
+    };
     let _ = writeln!(
         out,
-        "  drain      {verdict}  [in {} out {}, measured over {:.0}s from {}]",
+        "  drain      {verdict}  [in {} out {}, {measured}]",
         rate(drain.inflow_rate),
         rate(drain.outflow_rate),
-        drain.window_secs,
-        drain.method
     );
 }
 

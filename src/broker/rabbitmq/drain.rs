@@ -647,7 +647,6 @@ fn backlog_of(detail: &QueueDetail) -> Backlog {
     let out_rate = stats.outflow();
     let net = match (in_rate, out_rate) {
         (Some(inflow), Some(outflow)) => Some(outflow - inflow),
-        (None, Some(outflow)) => Some(outflow),
         _ => None,
     };
     let (_, eta_secs) = estimate::project(detail.messages, net);

@@ -285,9 +285,24 @@ impl Management {
 }
 
 impl MessageStats {
+    /// The API lists only the counters that ever moved: once it reports any rate for the queue,
+    /// a missing one is zero; without any, rates are unknown (not collected, or no traffic yet).
+    fn rates_collected(&self) -> bool {
+        [
+            &self.publish_details,
+            &self.ack_details,
+            &self.deliver_no_ack_details,
+            &self.get_no_ack_details,
+            &self.deliver_get_details,
+            &self.redeliver_details,
+        ]
+        .iter()
+        .any(|detail| rate(detail).is_some())
+    }
+
     /// Messages arriving per second.
     pub fn inflow(&self) -> Option<f64> {
-        rate(&self.publish_details)
+        rate(&self.publish_details).or(self.rates_collected().then_some(0.0))
     }
 
     /// Messages leaving for good per second: acked, or delivered without acks.
@@ -298,7 +313,7 @@ impl MessageStats {
             rate(&self.get_no_ack_details),
         ];
         if parts.iter().all(Option::is_none) {
-            None
+            self.rates_collected().then_some(0.0)
         } else {
             Some(parts.iter().flatten().sum())
         }
@@ -348,5 +363,20 @@ mod tests {
             Some("c")
         );
         assert!(detail.messages.is_none(), "missing counts stay unknown");
+    }
+
+    #[test]
+    fn a_rate_the_api_leaves_out_is_zero_only_when_it_reports_others() {
+        let published_only: MessageStats =
+            serde_json::from_str(r#"{"publish_details":{"rate":12.5}}"#).expect("stats");
+        assert_eq!(published_only.inflow(), Some(12.5));
+        assert_eq!(
+            published_only.outflow(),
+            Some(0.0),
+            "nothing was ever acked"
+        );
+        let none = MessageStats::default();
+        assert_eq!(none.inflow(), None);
+        assert_eq!(none.outflow(), None);
     }
 }
