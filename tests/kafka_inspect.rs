@@ -67,6 +67,65 @@ async fn lag_per_partition_is_exact() {
 }
 
 #[tokio::test]
+async fn load_seeds_a_topic_and_a_group_that_committed_part_of_it() {
+    let topic = unique("load");
+    let group = unique("load-group");
+    let url = kafka_url();
+    let output = mqdrain(&[
+        "--url",
+        &url,
+        "load",
+        "publish",
+        &topic,
+        "--declare",
+        "--partitions",
+        "3",
+        "--count",
+        "300",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    // The group consumes and commits all of it, then 150 more arrive: 50 behind per partition.
+    let output = mqdrain(&[
+        "--url",
+        &url,
+        "load",
+        "consume",
+        &topic,
+        "--group",
+        &group,
+        "--until-empty",
+        "--idle",
+        "2s",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(summary.contains("300 messages"), "{summary}");
+    let output = mqdrain(&["--url", &url, "load", "publish", &topic, "--count", "150"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = inspect_json(&topic, &["--group", &group, "--sample", "0s"]).await;
+    let partitions = report["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 3, "{report}");
+    for partition in partitions {
+        // Round-robin: 100 + 50 records in each partition.
+        assert_eq!(partition["high"], 150, "{report}");
+        assert_eq!(partition["committed"], 100, "{report}");
+        assert_eq!(partition["lag"], 50, "{report}");
+    }
+    assert_eq!(report["lag"], 150, "{report}");
+    assert_eq!(
+        report["members"],
+        serde_json::json!([]),
+        "the consumer left"
+    );
+
+    let output = mqdrain(&["--url", &url, "load", "consume", &topic]).await;
+    let line = error_line(&output, 2);
+    assert!(line.contains("needs --group"), "{line}");
+}
+
+#[tokio::test]
 async fn without_group_lag_is_null_not_zero() {
     let topic = unique("nogroup");
     kafka::create_topic(&topic, 2, &[]).await;

@@ -83,11 +83,12 @@ pub struct RunArgs {
     pub sample_every: Duration,
 }
 
-/// Test and demo aid: publish a backlog, or consume like an application would (RabbitMQ).
+/// Test and demo aid: publish a backlog, or consume like an application would.
 ///
-/// Not part of a drain: use it to seed a queue and to simulate consumers against test brokers.
-/// Its connections are named `load-generator ...`, so mqdrain treats them as someone else's
-/// application (stop-consumers waits for them to go away).
+/// Not part of a drain: use it to seed a queue or topic and to simulate consumers against test
+/// brokers. Its connections are named `load-generator ...` (Kafka: client id `load-generator`),
+/// so mqdrain treats them as someone else's application (stop-consumers waits for them to go
+/// away).
 #[derive(Debug, Args)]
 pub struct LoadArgs {
     #[command(subcommand)]
@@ -96,15 +97,17 @@ pub struct LoadArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum LoadCommand {
-    /// Publish N persistent messages with publisher confirms.
+    /// Publish N persistent messages with publisher confirms (Kafka: acks=all, spread evenly
+    /// over the partitions).
     Publish(PublishArgs),
-    /// Consume and acknowledge messages, optionally rate-limited, until empty or N.
+    /// Consume and acknowledge messages (Kafka: commit them under --group), optionally
+    /// rate-limited, until empty or N.
     Consume(ConsumeArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
-    /// Queue to publish into (through the default exchange).
+    /// Queue to publish into (through the default exchange), or Kafka topic.
     pub queue: String,
     /// How many messages.
     #[arg(long)]
@@ -115,18 +118,26 @@ pub struct PublishArgs {
     /// Most messages per second (default: as fast as confirms allow).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// A `key` header cycles through this many values (key-0 ...), for `--key header:key` demos.
+    /// A `key` header (Kafka: the record key) cycles through this many values (key-0 ...), for
+    /// `--key header:key` demos.
     #[arg(long, default_value_t = 16)]
     pub keys: u32,
-    /// Declare the queue (durable, classic) if it does not exist.
+    /// Declare the queue (durable, classic) if it does not exist. Kafka: create the topic
+    /// (--partitions, replication factor 1) if it does not exist.
     #[arg(long)]
     pub declare: bool,
+    /// Kafka: partitions of the topic --declare creates [default: 3].
+    #[arg(long)]
+    pub partitions: Option<i32>,
 }
 
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
-    /// Queue to consume from.
+    /// Queue or Kafka topic to consume from.
     pub queue: String,
+    /// Kafka (required): the consumer group to join and commit under.
+    #[arg(long)]
+    pub group: Option<String>,
     /// Most messages per second (default: unlimited).
     #[arg(long)]
     pub rate: Option<f64>,
@@ -140,7 +151,7 @@ pub struct ConsumeArgs {
     /// Stop after this many messages.
     #[arg(long)]
     pub max: Option<u64>,
-    /// Consumer prefetch.
+    /// RabbitMQ consumer prefetch.
     #[arg(long, default_value_t = 100)]
     pub prefetch: u16,
 }
@@ -154,6 +165,7 @@ impl From<&PublishArgs> for crate::ops::load::PublishSpec {
             rate: args.rate,
             keys: args.keys,
             declare: args.declare,
+            partitions: args.partitions,
         }
     }
 }
@@ -162,6 +174,7 @@ impl From<&ConsumeArgs> for crate::ops::load::ConsumeSpec {
     fn from(args: &ConsumeArgs) -> Self {
         crate::ops::load::ConsumeSpec {
             queue: args.queue.clone(),
+            group: args.group.clone(),
             rate: args.rate,
             until_empty: args.until_empty,
             idle: args.idle,

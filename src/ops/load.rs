@@ -1,14 +1,15 @@
 //! `mqdrain load`: a test and demo aid that seeds a backlog or consumes like an application.
 //!
-//! Not part of a drain. Its connections are named `load-generator ...` (not mqdrain's prefix), so
-//! the drain steps see it as somebody else's application — exactly what a demo needs.
+//! Not part of a drain. Its connections are named `load-generator ...` (Kafka: client id
+//! `load-generator`), not mqdrain's prefix, so the drain steps see it as somebody else's
+//! application — exactly what a demo needs.
 
-use crate::broker::rabbitmq;
+use crate::broker::{kafka, rabbitmq};
 use crate::endpoint::Target;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use serde::Serialize;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Connection-name prefix of the load generator.
@@ -20,14 +21,18 @@ pub struct PublishSpec {
     pub count: u64,
     pub size: usize,
     pub rate: Option<f64>,
-    /// Routing keys cycle through `key-0` .. `key-(keys-1)`.
+    /// Keys cycle through `key-0` .. `key-(keys-1)` (RabbitMQ: a `key` header; Kafka: the record key).
     pub keys: u32,
     pub declare: bool,
+    /// Kafka: partitions of a topic that `declare` creates.
+    pub partitions: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ConsumeSpec {
     pub queue: String,
+    /// Kafka: the consumer group to consume and commit under (required there).
+    pub group: Option<String>,
     pub rate: Option<f64>,
     pub until_empty: bool,
     pub idle: Duration,
@@ -44,6 +49,36 @@ pub struct LoadOutcome {
     pub rate: f64,
     /// Why a consumer stopped: `max`, `empty` or `signal`; `count` for publish.
     pub stopped_by: &'static str,
+}
+
+/// Sleeps so that `done` messages take at least `done / rate` seconds.
+pub async fn pace(rate: Option<f64>, started: Instant, done: u64) {
+    if let Some(rate) = rate {
+        let due = Duration::from_secs_f64(done as f64 / rate);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+pub fn outcome(
+    queue: &str,
+    messages: u64,
+    started: Instant,
+    stopped_by: &'static str,
+) -> LoadOutcome {
+    let elapsed_secs = started.elapsed().as_secs_f64();
+    LoadOutcome {
+        queue: queue.to_string(),
+        messages,
+        elapsed_secs,
+        rate: if elapsed_secs > 0.0 {
+            messages as f64 / elapsed_secs
+        } else {
+            0.0
+        },
+        stopped_by,
+    }
 }
 
 fn validate_rate(rate: Option<f64>) -> Result<()> {
@@ -66,10 +101,16 @@ pub async fn publish(
         return Err(Error::usage("--keys must be at least 1"));
     }
     match target {
-        Target::Rabbit(rabbit) => rabbitmq::load::publish(rabbit, spec, progress, cancel).await,
-        Target::Kafka(_) => Err(Error::usage(
-            "mqdrain load supports RabbitMQ only; for Kafka use kcat or kafka-producer-perf-test",
+        Target::Rabbit(_) if spec.partitions.is_some() => Err(Error::usage(
+            "--partitions is for Kafka topics; a RabbitMQ queue has none",
         )),
+        Target::Rabbit(rabbit) => rabbitmq::load::publish(rabbit, spec, progress, cancel).await,
+        Target::Kafka(_) if spec.partitions.is_some_and(|partitions| partitions < 1) => {
+            Err(Error::usage("--partitions must be at least 1"))
+        }
+        Target::Kafka(kafka_target) => {
+            kafka::load::publish(kafka_target, spec, progress, cancel).await
+        }
     }
 }
 
@@ -83,10 +124,19 @@ pub async fn consume(
     if spec.prefetch == 0 {
         return Err(Error::usage("--prefetch must be at least 1"));
     }
-    match target {
-        Target::Rabbit(rabbit) => rabbitmq::load::consume(rabbit, spec, progress, cancel).await,
-        Target::Kafka(_) => Err(Error::usage(
-            "mqdrain load supports RabbitMQ only; for Kafka use kcat or kafka-console-consumer",
+    match (target, &spec.group) {
+        (Target::Rabbit(_), Some(_)) => Err(Error::usage(
+            "--group is for Kafka; a RabbitMQ consumer consumes the queue itself",
         )),
+        (Target::Rabbit(rabbit), None) => {
+            rabbitmq::load::consume(rabbit, spec, progress, cancel).await
+        }
+        (Target::Kafka(kafka_target), Some(group)) => {
+            kafka::load::consume(kafka_target, spec, group, progress, cancel).await
+        }
+        (Target::Kafka(_), None) => Err(Error::usage(format!(
+            "consuming topic '{}' needs --group: the consumer group that reads and commits",
+            spec.queue
+        ))),
     }
 }

@@ -569,7 +569,7 @@ async fn delete_topic(target: &KafkaTarget, topic: &str) -> Result<()> {
     Ok(())
 }
 
-async fn create_topic(
+pub async fn create_topic(
     target: &KafkaTarget,
     topic: &str,
     partitions: i32,

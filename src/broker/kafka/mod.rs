@@ -5,4 +5,5 @@ pub mod dlq;
 pub mod drain;
 pub mod forwarding;
 pub mod inspect;
+pub mod load;
 pub mod offsets;

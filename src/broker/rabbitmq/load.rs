@@ -3,7 +3,9 @@
 use super::amqp::{self, channel_error, connection_error};
 use crate::endpoint::RabbitTarget;
 use crate::error::{Error, Result};
-use crate::ops::load::{ConsumeSpec, LoadOutcome, PublishSpec, LOAD_CONNECTION_PREFIX};
+use crate::ops::load::{
+    outcome, pace, ConsumeSpec, LoadOutcome, PublishSpec, LOAD_CONNECTION_PREFIX,
+};
 use crate::progress::{Event, Progress};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -18,31 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Unconfirmed publishes kept in flight: enough for throughput, bounded for memory.
 const PUBLISH_WINDOW: usize = 500;
-
-/// Sleeps so that `done` messages take at least `done / rate` seconds.
-async fn pace(rate: Option<f64>, started: Instant, done: u64) {
-    if let Some(rate) = rate {
-        let due = Duration::from_secs_f64(done as f64 / rate);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
-
-fn outcome(queue: &str, messages: u64, started: Instant, stopped_by: &'static str) -> LoadOutcome {
-    let elapsed_secs = started.elapsed().as_secs_f64();
-    LoadOutcome {
-        queue: queue.to_string(),
-        messages,
-        elapsed_secs,
-        rate: if elapsed_secs > 0.0 {
-            messages as f64 / elapsed_secs
-        } else {
-            0.0
-        },
-        stopped_by,
-    }
-}
 
 pub async fn publish(
     target: &RabbitTarget,
