@@ -134,8 +134,9 @@ pub struct PartitionReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct GroupMember {
     pub member_id: String,
-    pub client_id: String,
-    pub host: String,
+    /// `null` when the broker leaves it empty (some Kafka-protocol brokers do).
+    pub client_id: Option<String>,
+    pub host: Option<String>,
 }
 
 /// Topic configs that decide what happens to unconsumed messages; `null` when the broker does

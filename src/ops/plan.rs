@@ -375,7 +375,9 @@ impl From<&InspectReport> for Measured {
                     consumers: topic.members.as_ref().map(|members| {
                         members
                             .iter()
-                            .filter(|member| member.client_id != FORWARDER_CLIENT_ID)
+                            .filter(|member| {
+                                member.client_id.as_deref() != Some(FORWARDER_CLIENT_ID)
+                            })
                             .count() as u64
                     }),
                     lanes: topic.partitions.len().max(1) as u64,

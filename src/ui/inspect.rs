@@ -174,7 +174,9 @@ fn render_topic(report: &TopicReport) -> String {
                 let _ = writeln!(
                     out,
                     "    - {} ({}) on {}",
-                    member.client_id, member.member_id, member.host
+                    member.client_id.as_deref().unwrap_or("?"),
+                    member.member_id,
+                    member.host.as_deref().unwrap_or("?")
                 );
             }
             let _ = writeln!(out, "  lag        {}", count(report.lag));

@@ -357,6 +357,27 @@ pub mod kafka {
         }
     }
 
+    /// A live member of `group`: consumes `topic` at about `per_second`, committing as it goes,
+    /// until the task is aborted.
+    pub fn paced_member(topic: &str, group: &str, per_second: u64) -> tokio::task::JoinHandle<()> {
+        use rdkafka::consumer::StreamConsumer;
+        let consumer: StreamConsumer = config()
+            .set("group.id", group)
+            .set("client.id", "test-paced-member")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "200")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let pause = Duration::from_millis(1000 / per_second);
+        tokio::spawn(async move {
+            while consumer.recv().await.is_ok() {
+                tokio::time::sleep(pause).await;
+            }
+        })
+    }
+
     /// Commits `offsets[p]` for partition p under `group`, from a client that never joins it.
     pub fn commit(group: &str, topic: &str, offsets: &[i64]) {
         let consumer: BaseConsumer = config()

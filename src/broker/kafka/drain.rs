@@ -202,8 +202,8 @@ fn committed_map(offsets: &[PartitionOffsets]) -> BTreeMap<i32, i64> {
         .collect()
 }
 
-/// The group's members as `ClientRef`s (Nisshi reports member ids only: empty client id and
-/// host become `None`).
+/// The group's members as `ClientRef`s (Nisshi reports member ids only: client id and host are
+/// `None` there).
 async fn group_members(
     target: &KafkaTarget,
     observer: &Arc<BaseConsumer>,
@@ -214,8 +214,8 @@ async fn group_members(
         .into_iter()
         .map(|member| ClientRef {
             id: member.member_id,
-            host: Some(member.host).filter(|host| !host.is_empty()),
-            who: Some(member.client_id).filter(|client| !client.is_empty()),
+            host: member.host,
+            who: member.client_id,
         })
         .collect();
     Ok((state, refs))

@@ -236,8 +236,9 @@ pub async fn describe_group(
                     .iter()
                     .map(|member| GroupMember {
                         member_id: member.id().to_string(),
-                        client_id: member.client_id().to_string(),
-                        host: member.client_host().to_string(),
+                        client_id: Some(member.client_id().to_string()).filter(|id| !id.is_empty()),
+                        host: Some(member.client_host().to_string())
+                            .filter(|host| !host.is_empty()),
                     })
                     .collect();
                 (info.state().to_string(), members)
