@@ -67,8 +67,10 @@ pub struct RunArgs {
     /// Run journal recording finished steps (default: <playbook>.state.json next to it).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
-    /// Continue an earlier run from its journal: finished mutating steps are skipped (a finished
-    /// forward is never repeated), read-only checks and expand run again to re-verify the state.
+    /// Continue an earlier run from its journal: finished steps are not repeated; what a
+    /// finished step established is re-verified only when a step that runs now relies on it
+    /// (and no finished exec/restore changed it since); a background forward that was not
+    /// stopped starts again. A run that already succeeded: nothing to do.
     #[arg(long)]
     pub resume: bool,
     /// Write a JUnit XML file with one testcase per step.

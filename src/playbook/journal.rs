@@ -1,6 +1,7 @@
 //! The run journal: which steps of a playbook finished, and how, written after every step so that
 //! `--resume` can continue a run that failed or was killed.
 
+use super::runner::StepOutcome;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -34,7 +35,7 @@ pub struct Entry {
     pub index: usize,
     pub name: String,
     pub operation: String,
-    pub outcome: String,
+    pub outcome: StepOutcome,
     pub started_at: f64,
     pub finished_at: f64,
     #[serde(default)]
@@ -101,6 +102,17 @@ impl Journal {
         self.steps.iter().rev().find(|entry| entry.index == index)
     }
 
+    /// Whether step `index` finished: it succeeded, or failed with `continue_on_error` and the
+    /// run went past it.
+    pub fn finished(&self, index: usize) -> bool {
+        self.entry(index).is_some_and(|entry| {
+            matches!(
+                entry.outcome,
+                StepOutcome::Ok | StepOutcome::FailedContinued
+            )
+        })
+    }
+
     pub fn record(&mut self, entry: Entry) {
         self.updated_at = entry.finished_at;
         self.steps.retain(|existing| existing.index != entry.index);
@@ -136,12 +148,12 @@ mod tests {
             updated_at: 1.0,
             steps: Vec::new(),
         };
-        for outcome in ["failed", "ok"] {
+        for outcome in [StepOutcome::Failed, StepOutcome::Ok] {
             journal.record(Entry {
                 index: 0,
                 name: "a".into(),
                 operation: "expand".into(),
-                outcome: outcome.into(),
+                outcome,
                 started_at: 2.0,
                 finished_at: 3.0,
                 message: None,
@@ -150,7 +162,9 @@ mod tests {
         journal.save(&path).unwrap();
         let loaded = Journal::load(&path).unwrap().unwrap();
         assert_eq!(loaded.steps.len(), 1);
-        assert_eq!(loaded.entry(0).unwrap().outcome, "ok");
+        assert_eq!(loaded.entry(0).unwrap().outcome, StepOutcome::Ok);
+        assert!(loaded.finished(0));
+        assert!(!loaded.finished(1));
         assert!(Journal::load(&dir.join("none.json")).unwrap().is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }

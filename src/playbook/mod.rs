@@ -3,12 +3,13 @@
 //! This module is the model, loading and validation: every problem is reported with the file's
 //! line:column and what was expected, before anything touches a broker. `runner` executes a
 //! loaded playbook through the same `ops` functions the subcommands call; `journal` records
-//! finished steps for `--resume`; `junit` and `report` write the run's outcome.
+//! finished steps and `resume` decides what `--resume` does with them; `junit` and `report` write the run's outcome.
 
 pub mod condition;
 pub mod journal;
 pub mod junit;
 pub mod report;
+pub mod resume;
 pub mod runner;
 pub mod source;
 

@@ -6,6 +6,7 @@
 use super::condition::{all_hold, Snapshot};
 use super::journal::{self, Entry, Journal, RunStatus};
 use super::report::Collector;
+use super::resume::{self, ResumePlan};
 use super::{ApproveSpec, ExecSpec, Operation, Playbook, Step, StopForwardSpec, WaitSpec};
 use crate::endpoint::Target;
 use crate::error::{exit, Error, Result};
@@ -15,7 +16,7 @@ use crate::ops::exec;
 use crate::ops::forward_loop::LoopOutcome;
 use crate::ops::inspect::{self, InspectReport, InspectSpec};
 use crate::progress::{Event, Level, Progress, ProgressSink};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -45,7 +46,7 @@ pub struct RunOptions {
 /// Asks the operator a yes/no question (the UI's prompt); runs on a blocking thread.
 pub type Approver = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepOutcome {
     Ok,
@@ -179,13 +180,6 @@ struct Background {
     scope: Arc<StepScope>,
 }
 
-enum ResumePlan {
-    Run,
-    /// Re-check what the finished step established without repeating its action.
-    Verify,
-    Skip(String),
-}
-
 /// Runs `playbook` against `target`. Errors before the first step (a journal that does not
 /// match, an approval that cannot be asked) come back as `Err`; a failing step comes back as a
 /// `RunOutcome` whose `error()` carries the exit code.
@@ -243,7 +237,7 @@ pub async fn run(
                         " (last step recorded: {} '{}', {})",
                         entry.index + 1,
                         entry.name,
-                        entry.outcome
+                        entry.outcome.word()
                     )
                 })
                 .unwrap_or_default();
@@ -263,6 +257,30 @@ pub async fn run(
         });
     }
     let started_at = now();
+    let previous = previous.filter(|_| options.resume);
+    let plans = match &previous {
+        Some(previous) if previous.status == RunStatus::Succeeded => {
+            progress.emit(Event::Notice {
+                level: Level::Info,
+                message: format!(
+                    "nothing to resume: the run recorded in {} succeeded; delete the journal (or leave out --resume) to run the playbook again",
+                    options.state_path.display()
+                ),
+            });
+            return Ok(already_succeeded(playbook, target, options, started_at));
+        }
+        Some(previous) => {
+            let (plans, warnings) = resume::plan(playbook, &|index| previous.finished(index));
+            for warning in warnings {
+                progress.emit(Event::Notice {
+                    level: Level::Warn,
+                    message: warning,
+                });
+            }
+            plans
+        }
+        None => Vec::new(),
+    };
     let journal = (!options.dry_run).then(|| Journal {
         version: journal::VERSION,
         playbook: playbook.path.display().to_string(),
@@ -273,7 +291,6 @@ pub async fn run(
         updated_at: started_at,
         steps: previous
             .as_ref()
-            .filter(|_| options.resume)
             .map(|previous| previous.steps.clone())
             .unwrap_or_default(),
     });
@@ -284,7 +301,7 @@ pub async fn run(
         progress: progress.clone(),
         approver,
         journal,
-        previous: previous.filter(|_| options.resume),
+        plans,
         background: Vec::new(),
         steps: Vec::new(),
         on_failure: Vec::new(),
@@ -362,6 +379,41 @@ pub async fn run(
         on_failure: runner.on_failure,
         state_file,
     })
+}
+
+/// `--resume` of a run that already succeeded: every step is skipped, nothing is touched.
+fn already_succeeded(
+    playbook: &Playbook,
+    target: &Target,
+    options: &RunOptions,
+    started_at: f64,
+) -> RunOutcome {
+    let steps = playbook
+        .steps
+        .iter()
+        .map(|step| {
+            let mut record = record_for(step, "steps");
+            record.outcome = StepOutcome::Skipped;
+            record.message = Some("the earlier run succeeded".into());
+            record
+        })
+        .collect();
+    RunOutcome {
+        name: playbook.name.clone(),
+        description: playbook.description.clone(),
+        playbook: playbook.path.display().to_string(),
+        broker: target.redacted(),
+        dry_run: false,
+        resumed: true,
+        started_at,
+        finished_at: now(),
+        status: RunStatus::Succeeded,
+        exit_code: exit::OK,
+        error: None,
+        steps,
+        on_failure: Vec::new(),
+        state_file: Some(options.state_path.display().to_string()),
+    }
 }
 
 /// The queue/topic a playbook drains and its temporary prefix, for the chart's sampler.
@@ -510,7 +562,8 @@ struct Runner<'a> {
     progress: Progress,
     approver: Approver,
     journal: Option<Journal>,
-    previous: Option<Journal>,
+    /// `--resume`: what to do with each main step; empty otherwise.
+    plans: Vec<ResumePlan>,
     background: Vec<Background>,
     steps: Vec<StepRecord>,
     on_failure: Vec<StepRecord>,
@@ -563,66 +616,13 @@ impl Runner<'_> {
             index: record.index,
             name: record.name.clone(),
             operation: record.operation.to_string(),
-            outcome: match record.outcome {
-                StepOutcome::Skipped => "ok".to_string(),
-                other => other.word().replace(' ', "_"),
-            },
+            outcome: record.outcome,
             started_at: record.started_at.unwrap_or_default(),
             finished_at: record.finished_at.unwrap_or_default(),
             message: record.message.clone(),
         });
         if let Err(error) = journal.save(&self.options.state_path) {
             self.notice(Level::Warn, error.to_string());
-        }
-    }
-
-    fn resume_plan(&self, step: &Step) -> ResumePlan {
-        let Some(previous) = &self.previous else {
-            return ResumePlan::Run;
-        };
-        let finished = |index: usize| {
-            previous
-                .entry(index)
-                .is_some_and(|entry| entry.outcome == "ok")
-        };
-        if !finished(step.index) {
-            return ResumePlan::Run;
-        }
-        match &step.operation {
-            // Read-only steps re-verify the state the next steps depend on.
-            Operation::Inspect(_)
-            | Operation::Watch(_)
-            | Operation::Wait(_)
-            | Operation::Approve(_) => ResumePlan::Run,
-            // Idempotent: a rerun with the same factor checks the temporary queues exist.
-            Operation::Expand(_) => ResumePlan::Run,
-            Operation::StopConsumers(_) => ResumePlan::Verify,
-            Operation::Forward(forward) if forward.background => {
-                // The forwarder died with the earlier run unless its stop-forward finished: then
-                // it is restarted (it only moves what is still in the source).
-                let stopped = self.playbook.steps.iter().any(|later| {
-                    later.index > step.index
-                        && finished(later.index)
-                        && matches!(&later.operation, Operation::StopForward(spec) if stops(spec, &step.name, self.playbook))
-                });
-                if stopped {
-                    ResumePlan::Skip(
-                        "finished in an earlier run; a forward is never repeated".into(),
-                    )
-                } else {
-                    ResumePlan::Run
-                }
-            }
-            Operation::Forward(_) => {
-                ResumePlan::Skip("finished in an earlier run; a forward is never repeated".into())
-            }
-            // A second replay would send what died again since: a new decision, not a resume.
-            Operation::DlqReplay(_) => {
-                ResumePlan::Skip("finished in an earlier run; a replay is never repeated".into())
-            }
-            Operation::StopForward(_) | Operation::Restore(_) | Operation::Exec(_) => {
-                ResumePlan::Skip("finished in an earlier run".into())
-            }
         }
     }
 
@@ -650,11 +650,11 @@ impl Runner<'_> {
                 self.steps.push(record);
                 continue;
             }
-            let plan = if self.options.resume && !self.options.dry_run {
-                self.resume_plan(step)
-            } else {
-                ResumePlan::Run
-            };
+            let plan = self
+                .plans
+                .get(step.index)
+                .cloned()
+                .unwrap_or(ResumePlan::Run);
             if let ResumePlan::Skip(reason) = &plan {
                 self.notice(
                     Level::Info,
@@ -676,17 +676,16 @@ impl Runner<'_> {
                     step.index + 1,
                     step.name,
                     step.operation.key(),
-                    if matches!(plan, ResumePlan::Verify) {
-                        " (resumed: verifying what it established)"
-                    } else {
-                        ""
+                    match &plan {
+                        ResumePlan::Verify(why) => format!(" (resumed: {why})"),
+                        _ => String::new(),
                     }
                 ),
             );
             self.execute(
                 step,
                 &mut record,
-                matches!(plan, ResumePlan::Verify),
+                matches!(plan, ResumePlan::Verify(_)),
                 cancel,
             )
             .await;
@@ -1379,20 +1378,6 @@ impl Runner<'_> {
             }
         }
         failure
-    }
-}
-
-fn stops(spec: &StopForwardSpec, forward: &str, playbook: &Playbook) -> bool {
-    match &spec.forward {
-        Some(name) => name == forward,
-        None => {
-            playbook
-                .steps
-                .iter()
-                .filter(|step| matches!(&step.operation, Operation::Forward(f) if f.background))
-                .count()
-                == 1
-        }
     }
 }
 
