@@ -265,8 +265,9 @@ async fn rabbitmq_drain_playbook_runs_end_to_end() {
         dir.join("junit.xml"),
         dir.join("report.md"),
     );
+    let log = dir.join("commands.log").display().to_string();
     let scale_up = format!(
-        "for i in 0 1; do $MQDRAIN load consume {queue}.drain.$i --until-empty --idle 3s >/dev/null 2>&1 & done"
+        "echo scale-up >> {log}; for i in 0 1; do $MQDRAIN load consume {queue}.drain.$i --until-empty --idle 3s >/dev/null 2>&1 & done"
     );
     let args = [
         "playbook".to_string(),
@@ -280,11 +281,13 @@ async fn rabbitmq_drain_playbook_runs_end_to_end() {
         "--var".into(),
         "factor=2".into(),
         "--var".into(),
-        "stop_command=true".into(),
+        format!("stop_command=echo stop >> {log}"),
         "--var".into(),
         format!("scale_up_command={scale_up}"),
         "--var".into(),
-        "restart_command=true".into(),
+        format!("restart_command=echo restart >> {log}"),
+        "--var".into(),
+        format!("scale_down_command=echo scale-down >> {log}"),
         "--var".into(),
         "drain_timeout=3m".into(),
         "--state".into(),
@@ -302,10 +305,15 @@ async fn rabbitmq_drain_playbook_runs_end_to_end() {
     let outcome = stdout_json(&output);
     assert_eq!(outcome["status"], "succeeded");
     let steps = outcome["steps"].as_array().expect("steps");
-    assert_eq!(steps.len(), 11);
+    assert_eq!(steps.len(), 13);
     assert!(
         steps.iter().all(|step| step["outcome"] == "ok"),
         "{outcome:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("command log"),
+        "stop\nscale-up\nrestart\nscale-down\n",
+        "the operator's commands ran once each, in order"
     );
     let forward = &steps[4];
     assert_eq!(forward["operation"], "forward");
@@ -316,7 +324,7 @@ async fn rabbitmq_drain_playbook_runs_end_to_end() {
 
     let xml = std::fs::read_to_string(&junit).expect("junit written");
     well_formed(&xml).unwrap_or_else(|error| panic!("{error}\n{xml}"));
-    assert_eq!(xml.matches("<testcase ").count(), 11, "{xml}");
+    assert_eq!(xml.matches("<testcase ").count(), 13, "{xml}");
     assert!(!xml.contains("<failure"), "{xml}");
 
     let markdown = std::fs::read_to_string(&report).expect("report written");
@@ -762,6 +770,7 @@ async fn shipped_kafka_drain_playbook_drains_end_to_end() {
             scaled_up.display()
         ),
         format!("restart_command=echo restart >> {}", log.display()),
+        format!("scale_down_command=echo scale-down >> {}", log.display()),
         "drain_timeout=2m".to_string(),
     ];
     let mut args = vec![
@@ -821,7 +830,7 @@ async fn shipped_kafka_drain_playbook_drains_end_to_end() {
     assert_eq!(step("restore")["outcome"], "ok", "{outcome:#}");
     assert_eq!(
         std::fs::read_to_string(&log).expect("command log"),
-        "stop\nscale-up\nrestart\n",
+        "stop\nscale-up\nrestart\nscale-down\n",
         "the operator's commands ran once each, in order, and on_failure did not run"
     );
     let seen = seen.expect("the scale-up command ran");
