@@ -9,6 +9,8 @@ use lapin::options::QueueDeleteOptions;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A scratch directory for one test's playbooks, journals and reports.
@@ -464,7 +466,20 @@ async fn a_failed_run_resumes_without_repeating_finished_mutating_steps() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("--resume"), "{}", stderr(&output));
 
-    // Run 2: fixed through --var and resumed.
+    // Changing a finished step (here its marker file) makes the journal a lie: refused.
+    let mut changed = base(&["--resume", "--var", "second_command=true"]);
+    changed[10] = format!("marker={}.moved", marker.display());
+    let output = mqdrain_env(&changed.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(
+            "cannot resume: step 1 exec 'mark' finished in the earlier run with other settings"
+        ),
+        "{}",
+        stderr(&output)
+    );
+
+    // Run 2: fixed through --var (the failed step may change) and resumed.
     let args = base(&["--resume", "--var", "second_command=true"]);
     let output = mqdrain_env(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
@@ -511,6 +526,279 @@ async fn a_failed_run_resumes_without_repeating_finished_mutating_steps() {
     assert_eq!(ready(&queue).await, 10);
     assert!(queue_names(&format!("{queue}.drain.")).await.is_empty());
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "ran\n");
+    delete_queues(&queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Consumes `queue` like an application would, recording every message id, until `stop` is set
+/// and the queue is empty. `attached` is set once the consumer is registered.
+fn recording_consumer(
+    queue: String,
+    ids: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    attached: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+        let connection = amqp_connection(&format!("test app {queue}")).await;
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .basic_qos(200, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                format!("test-app-{queue}").as_str().into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        attached.store(true, Ordering::SeqCst);
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), consumer.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    ids.lock().unwrap().push(message_id(&delivery));
+                    channel
+                        .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                        .await
+                        .expect("ack");
+                }
+                Ok(other) => panic!("consumer of {queue} ended: {other:?}"),
+                Err(_) if stop.load(Ordering::SeqCst) && ready(&queue).await == 0 => break,
+                Err(_) => {}
+            }
+        }
+        let _ = channel.close(200, "scaled down".into()).await;
+        let _ = connection.close(200, "bye".into()).await;
+    })
+}
+
+/// The outcome of step `index` in a run journal, once the journal has it.
+fn journal_outcome(state: &Path, index: usize) -> Option<String> {
+    let journal: Value = serde_json::from_str(&std::fs::read_to_string(state).ok()?).ok()?;
+    journal["steps"]
+        .as_array()?
+        .iter()
+        .find(|entry| entry["index"] == index)
+        .and_then(|entry| entry["outcome"].as_str())
+        .map(str::to_string)
+}
+
+/// Starts `mqdrain playbook run` with its output in files (a pipe nobody reads would block it).
+fn spawn_playbook(args: &[String], dir: &Path, run: &str) -> tokio::process::Child {
+    let file = |suffix: &str| {
+        std::fs::File::create(dir.join(format!("{run}.{suffix}"))).expect("output file")
+    };
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
+        .args(args)
+        .env("MQDRAIN_URL", amqp_url())
+        .env("MQDRAIN_MANAGEMENT_URL", management_url())
+        .stdin(std::process::Stdio::null())
+        .stdout(file("stdout"))
+        .stderr(file("stderr"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn mqdrain")
+}
+
+/// SIGKILLs `child` once step `index` of its run finished (the next step is then running).
+async fn kill_after_step(child: &mut tokio::process::Child, state: &Path, index: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while journal_outcome(state, index).as_deref() != Some("ok") {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the playbook ended before step {} finished: {status}",
+                index + 1
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "step {} did not finish",
+            index + 1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.start_kill().expect("SIGKILL");
+    let status = child.wait().await.expect("killed");
+    assert_eq!(status.code(), None, "killed by a signal");
+}
+
+/// The shipped playbooks/rabbitmq-drain.yaml, SIGKILLed twice — while the background forward
+/// runs and the source gate waits, then while the temporary queues drain after the application
+/// was restarted — and resumed each time: it completes, every message reaches a consumer, and
+/// each of the operator's commands ran exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_drain_resumes_to_the_end_without_losing_messages() {
+    const SEEDED: usize = 20_000;
+    let queue = unique("pb-kill");
+    let dir = scratch("pb-kill");
+    seed(&queue, SEEDED).await;
+    let state = dir.join("state.json");
+    let log = dir.join("commands.log").display().to_string();
+    let marker = |name: &str| dir.join(name);
+    let command = |word: &str| format!("echo {word} >> {log} && touch {}", marker(word).display());
+    let mut args: Vec<String> = [
+        "playbook",
+        "run",
+        &playbooks_dir()
+            .join("rabbitmq-drain.yaml")
+            .display()
+            .to_string(),
+        "--yes",
+        "--output",
+        "json",
+        "--state",
+        &state.display().to_string(),
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    for var in [
+        format!("queue={queue}"),
+        "factor=2".to_string(),
+        format!("stop_command={}", command("stop")),
+        format!("scale_up_command={}", command("scale-up")),
+        format!("restart_command={}", command("restart")),
+        format!("scale_down_command={}", command("scale-down")),
+        "drain_timeout=3m".to_string(),
+    ] {
+        args.push("--var".into());
+        args.push(var);
+    }
+    let steps: Value = serde_json::from_str(&String::from_utf8_lossy(
+        &mqdrain(&["playbook", "check", "--output", "json", &args[2]])
+            .await
+            .stdout,
+    ))
+    .expect("check output");
+    let index_of = |name: &str| {
+        steps["playbook"]["steps"]
+            .as_array()
+            .and_then(|steps| steps.iter().position(|step| step["name"] == name))
+            .unwrap_or_else(|| panic!("no step '{name}'"))
+    };
+
+    // The scaled-up consumers and, after the restart, the application: the test's own clients,
+    // which outlive the killed runs like a real deployment would.
+    let consumed = Arc::new(Mutex::new(Vec::new()));
+    let scaled_down = Arc::new(AtomicBool::new(false));
+    let app_stop = Arc::new(AtomicBool::new(false));
+    let app_attached = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (queue, consumed, scaled_down) = (queue.clone(), consumed.clone(), scaled_down.clone());
+        let (app_stop, app_attached) = (app_stop.clone(), app_attached.clone());
+        let (scaled_up, restarted, scaled_down_file) =
+            (marker("scale-up"), marker("restart"), marker("scale-down"));
+        tokio::spawn(async move {
+            let mut consumers = Vec::new();
+            let mut app = None;
+            loop {
+                if consumers.is_empty() && scaled_up.exists() {
+                    for index in 0..2 {
+                        consumers.push(recording_consumer(
+                            format!("{queue}.drain.{index}"),
+                            consumed.clone(),
+                            scaled_down.clone(),
+                            Arc::new(AtomicBool::new(false)),
+                        ));
+                    }
+                }
+                if app.is_none() && restarted.exists() {
+                    app = Some(recording_consumer(
+                        queue.clone(),
+                        consumed.clone(),
+                        app_stop.clone(),
+                        app_attached.clone(),
+                    ));
+                }
+                if scaled_down_file.exists() {
+                    scaled_down.store(true, Ordering::SeqCst);
+                }
+                if app.is_some() && scaled_down_file.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for consumer in consumers {
+                consumer.await.expect("temporary consumer");
+            }
+            app
+        })
+    };
+
+    // Run 1: killed while the forward runs in the background and the source gate waits.
+    let mut run = spawn_playbook(&args, &dir, "run1");
+    kill_after_step(&mut run, &state, index_of("scale up temporary consumers")).await;
+
+    // Run 2: resumed; killed while the temporary queues drain, the application back on the
+    // source queue.
+    args.push("--resume".into());
+    let mut run = spawn_playbook(&args, &dir, "run2");
+    kill_after_step(&mut run, &state, index_of("restart original consumers")).await;
+    eventually(
+        Duration::from_secs(30),
+        "the application consumes",
+        || async {
+            if app_attached.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("not attached yet".to_string())
+            }
+        },
+    )
+    .await;
+
+    // Run 3: resumed to the end, although the source has a consumer again.
+    let output = spawn_playbook(&args, &dir, "run3")
+        .wait()
+        .await
+        .expect("run 3");
+    let run3 = |suffix: &str| std::fs::read_to_string(dir.join(format!("run3.{suffix}"))).unwrap();
+    assert_eq!(output.code(), Some(0), "{}", run3("stderr"));
+    let outcome: Value = serde_json::from_str(&run3("stdout")).expect("run 3 outcome");
+    let outcome_of = |name: &str| outcome["steps"][index_of(name)]["outcome"].clone();
+    assert_eq!(outcome_of("stop consumers"), "skipped", "{outcome:#}");
+    assert_eq!(outcome_of("forward"), "skipped", "{outcome:#}");
+    assert_eq!(outcome_of("restore"), "ok", "{outcome:#}");
+    let run2 = std::fs::read_to_string(dir.join("run2.stderr")).unwrap();
+    assert!(
+        run2.contains("re-verifying that the temporary topology"),
+        "run 2 re-verified what the restarted forward needs: {run2}"
+    );
+
+    let app = watcher
+        .await
+        .expect("consumers")
+        .expect("the application ran");
+    app_stop.store(true, Ordering::SeqCst);
+    app.await.expect("application");
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("command log"),
+        "stop\nscale-up\nrestart\nscale-down\n",
+        "each of the operator's commands ran exactly once"
+    );
+    assert!(queue_names(&format!("{queue}.drain.")).await.is_empty());
+    let consumed = consumed.lock().unwrap().clone();
+    let distinct: std::collections::HashSet<&String> = consumed.iter().collect();
+    let left = ready(&queue).await as usize;
+    assert_eq!(left + distinct.len(), SEEDED, "nothing lost");
+    assert_eq!(left, 0, "the source was drained");
+    for index in 0..SEEDED {
+        assert!(
+            distinct.contains(&format!("m-{index}")),
+            "m-{index} was consumed"
+        );
+    }
+    // A kill between the temporary queue's confirm and the source's ack duplicates at most the
+    // forwarder's unacknowledged window (its prefetch).
+    assert!(
+        consumed.len() - distinct.len() <= 2000,
+        "{} duplicates",
+        consumed.len() - distinct.len()
+    );
     delete_queues(&queue).await;
     let _ = std::fs::remove_dir_all(dir);
 }

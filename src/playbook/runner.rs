@@ -4,7 +4,7 @@
 //! events and the caller renders the returned `RunOutcome`.
 
 use super::condition::{all_hold, Snapshot};
-use super::journal::{self, Entry, Journal, RunStatus};
+use super::journal::{self, Entry, Journal, RunStatus, StepPrint};
 use super::report::Collector;
 use super::resume::{self, ResumePlan};
 use super::{ApproveSpec, ExecSpec, Operation, Playbook, Step, StopForwardSpec, WaitSpec};
@@ -192,11 +192,7 @@ pub async fn run(
     cancel: &CancellationToken,
     approver: Approver,
 ) -> Result<RunOutcome> {
-    let fingerprint: Vec<String> = playbook
-        .steps
-        .iter()
-        .map(|step| format!("{} {}", step.operation.key(), step.name))
-        .collect();
+    let fingerprint: Vec<StepPrint> = playbook.steps.iter().map(StepPrint::of).collect();
     let needs_approval = playbook
         .all_steps()
         .any(|step| matches!(step.operation, Operation::Approve(_)));
@@ -212,20 +208,13 @@ pub async fn run(
         Journal::load(&options.state_path)?
     };
     if let Some(previous) = &previous {
-        if options.resume && previous.fingerprint != fingerprint {
-            let changed = previous
-                .fingerprint
-                .iter()
-                .zip(fingerprint.iter())
-                .position(|(before, now)| before != now)
-                .unwrap_or(previous.fingerprint.len().min(fingerprint.len()));
-            return Err(Error::usage(format!(
-                "cannot resume: the playbook's steps changed since the journal {} was written (step {} was `{}`, now `{}`); delete the journal to start over",
-                options.state_path.display(),
-                changed + 1,
-                previous.fingerprint.get(changed).map_or("(none)", String::as_str),
-                fingerprint.get(changed).map_or("(none)", String::as_str),
-            )));
+        if options.resume {
+            for note in previous.resumable(&fingerprint, &options.state_path)? {
+                progress.emit(Event::Notice {
+                    level: Level::Info,
+                    message: note,
+                });
+            }
         }
         if !options.resume && previous.status != RunStatus::Succeeded {
             let last = previous
