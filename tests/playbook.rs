@@ -1073,6 +1073,12 @@ async fn shipped_kafka_drain_playbook_drains_end_to_end() {
         "json".into(),
         "--state".into(),
         dir.join("state.json").display().to_string(),
+        "--junit".into(),
+        dir.join("junit.xml").display().to_string(),
+        "--report".into(),
+        dir.join("report.md").display().to_string(),
+        "--sample-every".into(),
+        "1s".into(),
     ];
     for var in &vars {
         args.push("--var".into());
@@ -1132,6 +1138,50 @@ async fn shipped_kafka_drain_playbook_drains_end_to_end() {
         kafka_side::committed(&group, &topic, 2),
         kafka_side::ends(&topic, 2),
         "the original group resumes at the end of the forwarded backlog"
+    );
+
+    // The report measures the groups' lag: the sampler watches the groups the steps name.
+    let markdown = std::fs::read_to_string(dir.join("report.md")).expect("report written");
+    assert!(
+        markdown.contains("| Queue / topic (lag) | Before the drain | Peak | After |"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains(&format!("| `{topic}` (source) | 500 | 500 | 0 |")),
+        "before and after lag of the source: {markdown}"
+    );
+    assert!(
+        markdown.contains("- Inspected: step 1 (inspect): lag 500 at"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("## Lag over time"), "{markdown}");
+    let svg = std::fs::read_to_string(dir.join("report.svg")).expect("chart written");
+    let points = |name: &str| {
+        let start = svg
+            .find(&format!("data-name=\"{name}\""))
+            .unwrap_or_else(|| panic!("no series {name}: {svg}"));
+        let line = &svg[start..svg[start..].find('\n').map_or(svg.len(), |end| start + end)];
+        line.split("points=\"").nth(1).map_or(0, |rest| {
+            rest.split('"')
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .count()
+        })
+    };
+    assert!(
+        points(&topic) >= 3,
+        "the source's lag has data points: {svg}"
+    );
+    assert!(
+        points(&format!("{temp}[0]")) >= 2,
+        "the temporary partitions' lag has data points: {svg}"
+    );
+    let xml = std::fs::read_to_string(dir.join("junit.xml")).expect("junit written");
+    assert_eq!(
+        xml.matches("<testcase ").count(),
+        outcome["steps"].as_array().map_or(0, Vec::len),
+        "one case per step: {xml}"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -155,6 +155,20 @@ impl Operation {
             _ => None,
         }
     }
+
+    /// Kafka: the consumer group and the temporary group the step names, if any.
+    pub fn groups(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Operation::Inspect(spec) => (spec.group.as_deref(), None),
+            Operation::StopConsumers(spec) => (spec.group.as_deref(), None),
+            Operation::Expand(spec) => (spec.group.as_deref(), None),
+            Operation::Forward(step) => (step.spec.group.as_deref(), None),
+            Operation::Watch(spec) => (spec.group.as_deref(), spec.temp_group.as_deref()),
+            Operation::Restore(spec) => (spec.group.as_deref(), spec.temp_group.as_deref()),
+            Operation::Wait(spec) => (spec.group.as_deref(), spec.temp_group.as_deref()),
+            _ => (None, None),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -404,6 +418,20 @@ impl Playbook {
                 _ => None,
             });
         Some((name, temp))
+    }
+
+    /// Kafka: the group and the temporary group the steps name for the queue/topic `name` (the
+    /// first of each), so that the report can watch the same lag the steps work on.
+    pub fn groups_of(&self, name: &str) -> (Option<&str>, Option<&str>) {
+        let mut found = (None, None);
+        for step in &self.steps {
+            if step.operation.subject().map(|(subject, _)| subject) != Some(name) {
+                continue;
+            }
+            let (group, temp_group) = step.operation.groups();
+            found = (found.0.or(group), found.1.or(temp_group));
+        }
+        found
     }
 
     /// Every step, then every on_failure step.

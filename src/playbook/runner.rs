@@ -127,6 +127,9 @@ pub struct RunOutcome {
     pub description: Option<String>,
     pub playbook: String,
     pub broker: String,
+    /// What the backlog figures are: `depth` (RabbitMQ: ready + unacked) or `lag` (Kafka: the
+    /// group's lag).
+    pub measure: &'static str,
     pub dry_run: bool,
     pub resumed: bool,
     pub started_at: f64,
@@ -149,6 +152,13 @@ impl RunOutcome {
             exit::USAGE => Error::usage(message),
             _ => Error::Broker(message),
         })
+    }
+}
+
+fn measure(target: &Target) -> &'static str {
+    match target {
+        Target::Rabbit(_) => "depth",
+        Target::Kafka(_) => "lag",
     }
 }
 
@@ -357,6 +367,7 @@ pub async fn run(
         description: playbook.description.clone(),
         playbook: playbook.path.display().to_string(),
         broker: target.redacted(),
+        measure: measure(target),
         dry_run: options.dry_run,
         resumed: options.resume,
         started_at,
@@ -392,6 +403,7 @@ fn already_succeeded(
         description: playbook.description.clone(),
         playbook: playbook.path.display().to_string(),
         broker: target.redacted(),
+        measure: measure(target),
         dry_run: false,
         resumed: true,
         started_at,
@@ -405,10 +417,12 @@ fn already_succeeded(
     }
 }
 
-/// The queue/topic a playbook drains and its temporary prefix, for the chart's sampler.
+/// The queue/topic a playbook drains, its temporary prefix and (Kafka) groups, for the chart's
+/// sampler.
 fn subject(playbook: &Playbook) -> Option<WatchSpec> {
     let (name, temp) = playbook.source()?;
-    Some(watch_spec(name, None, None, temp))
+    let (group, temp_group) = playbook.groups_of(name);
+    Some(watch_spec(name, group, temp_group, temp))
 }
 
 fn watch_spec(
@@ -428,7 +442,7 @@ fn watch_spec(
     }
 }
 
-/// Samples depth for the chart only; errors (a queue not declared yet) just skip a sample.
+/// Samples depth (lag) for the chart only; a sample that cannot be taken is skipped.
 fn spawn_sampler(
     target: Target,
     spec: WatchSpec,
@@ -438,10 +452,37 @@ fn spawn_sampler(
     tokio::spawn(async move {
         let sink: Progress = Arc::new(RecordOnly(collector));
         loop {
-            let _ = sample_once(&target, &spec, &sink).await;
+            if sample_once(&target, &spec, &sink).await.is_err() {
+                // A Kafka watch needs the temporary topic, which exists only between expand and
+                // restore; the source's lag before and after still belongs on the chart.
+                source_sample(&target, &spec, &sink).await;
+            }
             tokio::time::sleep(every).await;
         }
     })
+}
+
+/// The source's depth (lag) alone, from the code `mqdrain inspect` runs.
+async fn source_sample(target: &Target, spec: &WatchSpec, sink: &Progress) {
+    let inspect = InspectSpec {
+        name: spec.name.clone(),
+        group: spec.group.clone(),
+        sample: Duration::ZERO,
+    };
+    let Ok(report) = inspect::execute(target, &inspect, &crate::progress::silent()).await else {
+        return;
+    };
+    let depth = match report {
+        InspectReport::Rabbit(queue) => queue.depth,
+        InspectReport::Kafka(topic) => topic.lag,
+    };
+    sink.emit(Event::Backlog {
+        name: spec.name.clone(),
+        depth,
+        in_rate: None,
+        out_rate: None,
+        eta_secs: None,
+    });
 }
 
 /// Feeds the collector without showing anything.
