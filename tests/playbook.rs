@@ -842,7 +842,8 @@ steps:
     .await;
     assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
     assert!(
-        stderr(&output).contains("did not hold within 3s"),
+        stderr(&output)
+            .contains("timed out (gate timeout): gate `source.depth == 0` did not hold within 3s"),
         "{}",
         stderr(&output)
     );
@@ -852,6 +853,82 @@ steps:
     assert!(xml.contains("type=\"timeout\""), "{xml}");
     assert!(xml.contains("<skipped message=\"not run"), "{xml}");
     delete_queues(&queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Each way a run ends has its own exit code, from real runs: invalid playbook 2, a failed step
+/// 1, every kind of bounded wait 5 (the summary and the JUnit failure say which); the gate's 5
+/// and cancellation's 130 have their own tests below.
+#[tokio::test]
+async fn exit_codes_of_a_run_are_distinct_and_timeouts_say_which() {
+    let dir = scratch("pb-exit");
+    let run = |name: &str, text: &str| {
+        let path = write(&dir, &format!("{name}.yaml"), text);
+        let junit = dir.join(format!("{name}.xml"));
+        let state = dir.join(format!("{name}.state.json"));
+        async move {
+            let output = mqdrain_env(&[
+                "playbook",
+                "run",
+                &path.display().to_string(),
+                "--output",
+                "json",
+                "--state",
+                &state.display().to_string(),
+                "--junit",
+                &junit.display().to_string(),
+            ])
+            .await;
+            let xml = std::fs::read_to_string(&junit).unwrap_or_default();
+            (output, xml)
+        }
+    };
+
+    let (output, _) = run("invalid", "name: t\nsteps:\n  - exapnd: {name: q}\n").await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("invalid playbook"),
+        "{}",
+        stderr(&output)
+    );
+
+    let (output, xml) = run(
+        "failed",
+        "name: t\nsteps:\n  - name: fails\n    exec: {command: 'exit 3'}\n",
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(xml.contains("type=\"failure\""), "{xml}");
+
+    for (name, step, which) in [
+        (
+            "step-timeout",
+            "  - name: slow\n    timeout: 1s\n    exec: {command: 'sleep 10'}\n",
+            "step timeout",
+        ),
+        (
+            "exec-timeout",
+            "  - name: slow\n    exec: {command: 'sleep 10', timeout: 1s}\n",
+            "exec timeout",
+        ),
+    ] {
+        let (output, xml) = run(name, &format!("name: t\nsteps:\n{step}")).await;
+        assert_eq!(output.status.code(), Some(5), "{name}: {}", stderr(&output));
+        let outcome = stdout_json(&output);
+        assert_eq!(outcome["steps"][0]["outcome"], "timed_out", "{outcome:#}");
+        assert_eq!(outcome["steps"][0]["timed_out"], which, "{outcome:#}");
+        assert!(
+            outcome["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("timed out ({which})")),
+            "{outcome:#}"
+        );
+        assert!(
+            xml.contains(&format!("message=\"timed out ({which}): ")),
+            "{name}: {xml}"
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -9,10 +9,11 @@ const PLAYBOOK_HELP: &str = "\
 Exit codes of `playbook run`: 0 every step succeeded (or the dry run planned them all),
 1 a step failed (on_failure steps ran; with --dry-run: a step could not be planned for a reason
 other than temporary queues an earlier step would create), 2 the playbook is invalid or cannot
-run as asked
-(`playbook check` reports every problem as FILE:LINE:COLUMN), 5 a wait gate or a step's timeout
-ran out, 130 cancelled by SIGINT/SIGTERM (background forwards are stopped gracefully and
-on_failure runs; a second signal exits at once).
+run as asked (`playbook check` reports every problem as FILE:LINE:COLUMN; a journal --resume
+cannot continue; approve steps without a terminal or --yes), 5 a bounded wait ran out: a gate's,
+a step's own or an exec's timeout (the summary and the JUnit failure say which), 130 cancelled by
+SIGINT/SIGTERM (background forwards are stopped gracefully and on_failure runs; a second signal
+exits at once).
 
 The format is documented by the commented playbooks in playbooks/ (rabbitmq-drain.yaml).
 The playbook's `broker:` section names the broker; --url (MQDRAIN_URL) is used only when it has

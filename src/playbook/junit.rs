@@ -71,10 +71,11 @@ fn testcase(out: &mut String, suite: &str, record: &StepRecord) {
                 StepOutcome::Cancelled => "cancelled",
                 _ => "failure",
             };
+            let word = record.outcome_text();
             let _ = write!(
                 out,
                 ">\n      <failure message=\"{}\" type=\"{kind}\">{}</failure>\n    </testcase>\n",
-                escape(&format!("{}: {message}", outcome.word())),
+                escape(&format!("{word}: {message}")),
                 escape(&format!("{message}\n{body}"))
             );
         }

@@ -460,7 +460,7 @@ fn timeline(out: &mut String, records: &[StepRecord]) {
                 .duration_secs()
                 .map(|secs| format!("{secs:.1}s"))
                 .unwrap_or_default(),
-            record.outcome.word(),
+            record.outcome_text(),
             cell(&notes.join("; "))
         );
     }

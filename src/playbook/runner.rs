@@ -113,11 +113,22 @@ pub struct StepRecord {
     pub result: Option<serde_json::Value>,
     /// Forward steps: the forwarding loop's counters.
     pub forwarded: Option<LoopOutcome>,
+    /// Which bounded wait ran out (`gate timeout`, `step timeout`, `exec timeout`, ...): they
+    /// all exit 5, so the summary and the JUnit failure say which.
+    pub timed_out: Option<String>,
 }
 
 impl StepRecord {
     pub fn duration_secs(&self) -> Option<f64> {
         Some(self.finished_at? - self.started_at?)
+    }
+
+    /// The outcome in words, naming the wait that ran out for a timeout.
+    pub fn outcome_text(&self) -> String {
+        match &self.timed_out {
+            Some(which) => format!("{} ({which})", self.outcome.word()),
+            None => self.outcome.word().to_string(),
+        }
     }
 }
 
@@ -618,6 +629,19 @@ fn record_for(step: &Step, list: &'static str) -> StepRecord {
             .unwrap_or_default(),
         result: None,
         forwarded: None,
+        timed_out: None,
+    }
+}
+
+/// Names the bounded wait that ran out in `step`.
+fn timeout_kind(step: &Step, own_timeout: bool) -> String {
+    if own_timeout {
+        return "step timeout".into();
+    }
+    match &step.operation {
+        Operation::Wait(_) => "gate timeout".into(),
+        Operation::Exec(_) => "exec timeout".into(),
+        other => format!("{} wait", other.key()),
     }
 }
 
@@ -739,11 +763,12 @@ impl Runner<'_> {
                         StepOutcome::TimedOut => (
                             exit::TIMEOUT,
                             format!(
-                                "step {} '{}' ({}:{}) timed out: {error}",
+                                "step {} '{}' ({}:{}) timed out ({}): {error}",
                                 step.index + 1,
                                 step.name,
                                 self.playbook.path.display(),
-                                step.pos
+                                step.pos,
+                                record.timed_out.as_deref().unwrap_or("a bounded wait")
                             ),
                         ),
                         StepOutcome::Cancelled => (
@@ -800,13 +825,17 @@ impl Runner<'_> {
         let scope = StepScope::new(self.progress.clone());
         let progress: Progress = scope.clone();
         let work = self.operation(step, &progress, verify_only, cancel);
+        let mut own_timeout = false;
         let result = match step.timeout {
             Some(limit) => match tokio::time::timeout(limit, work).await {
                 Ok(result) => result,
-                Err(_) => Err(Error::Timeout(format!(
-                    "did not finish within its timeout of {}; raise the step's `timeout` or find out what it waits for",
-                    humantime::format_duration(limit)
-                ))),
+                Err(_) => {
+                    own_timeout = true;
+                    Err(Error::Timeout(format!(
+                        "did not finish within its timeout of {}; raise the step's `timeout` or find out what it waits for",
+                        humantime::format_duration(limit)
+                    )))
+                }
             },
             None => work.await,
         };
@@ -841,6 +870,9 @@ impl Runner<'_> {
                     outcome_of(&error)
                 };
                 record.message = Some(error.to_string());
+                if record.outcome == StepOutcome::TimedOut {
+                    record.timed_out = Some(timeout_kind(step, own_timeout));
+                }
                 if self.options.dry_run {
                     // The temporary queues/topic an earlier expand would create do not exist in
                     // a dry run: expected. Anything else is a real problem the run would hit.

@@ -228,7 +228,7 @@ fn render_record(out: &mut String, record: &StepRecord, dry_run: bool) {
         record.index + 1,
         record.name,
         record.operation,
-        record.outcome.word(),
+        record.outcome_text(),
         record
             .duration_secs()
             .map(|secs| format!("{secs:.1}s"))
