@@ -15,7 +15,8 @@ a step's own or an exec's timeout (the summary and the JUnit failure say which),
 SIGINT/SIGTERM (background forwards are stopped gracefully and on_failure runs; a second signal
 exits at once).
 
-The format is documented by the commented playbooks in playbooks/ (rabbitmq-drain.yaml).
+The format is documented in README.md (Playbooks) and by the commented playbooks in
+playbooks/ (rabbitmq-drain.yaml).
 The playbook's `broker:` section names the broker; --url (MQDRAIN_URL) is used only when it has
 none. exec steps get MQDRAIN (this executable) and MQDRAIN_URL in their environment.
 
