@@ -235,12 +235,10 @@ steps:
 
 #[tokio::test]
 async fn every_shipped_playbook_passes_check() {
-    let mut checked = 0;
+    let mut names = Vec::new();
     for entry in std::fs::read_dir(playbooks_dir()).expect("playbooks/") {
         let path = entry.expect("entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
-            continue;
-        }
+        // Every file, whatever its extension: a playbook that is not checked is not shipped.
         let output = mqdrain(&["playbook", "check", &path.display().to_string()]).await;
         assert!(
             output.status.success(),
@@ -248,11 +246,22 @@ async fn every_shipped_playbook_passes_check() {
             path.display(),
             stderr(&output)
         );
-        checked += 1;
+        names.push(
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
     }
-    assert!(
-        checked >= 3,
-        "expected the shipped playbooks, found {checked}"
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "demo-rabbitmq.yaml",
+            "kafka-drain.yaml",
+            "rabbitmq-dlq-replay.yaml",
+            "rabbitmq-drain.yaml"
+        ],
+        "the shipped playbooks (add a new one here and to README's list)"
     );
 }
 
@@ -346,6 +355,68 @@ async fn rabbitmq_drain_playbook_runs_end_to_end() {
     let journal: Value =
         serde_json::from_str(&std::fs::read_to_string(&state).expect("journal")).expect("json");
     assert_eq!(journal["status"], "succeeded");
+    delete_queues(&queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The demo the README's main command runs (scripts/demo), with a small backlog: it seeds, stops
+/// the simulated application, drains through the temporary queues and cleans up.
+#[tokio::test]
+async fn the_demo_playbook_drains_its_backlog_end_to_end() {
+    let queue = unique("pb-demo");
+    let dir = scratch("pb-demo");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqdrain"))
+        .args([
+            "playbook",
+            "run",
+            &playbooks_dir()
+                .join("demo-rabbitmq.yaml")
+                .display()
+                .to_string(),
+            "--yes",
+            "--output",
+            "json",
+            "--state",
+            &dir.join("state.json").display().to_string(),
+            "--var",
+            &format!("queue={queue}"),
+            "--var",
+            "backlog=2000",
+            "--var",
+            &format!("pidfile={}", dir.join("app.pid").display()),
+        ])
+        .env("MQDRAIN_DEMO_URL", amqp_url())
+        .env("MQDRAIN_DEMO_MANAGEMENT_URL", management_url())
+        .env_remove("MQDRAIN_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("the mqdrain binary runs");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let outcome = stdout_json(&output);
+    assert_eq!(outcome["status"], "succeeded");
+    assert!(
+        outcome["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .all(|step| step["outcome"] == "ok"),
+        "{outcome:#}"
+    );
+    let forwarded = outcome["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|step| step["name"] == "forward"))
+        .and_then(|step| step["forwarded"]["forwarded"].as_u64())
+        .expect("the forward's count");
+    assert!(
+        forwarded > 0 && forwarded <= 2000,
+        "the backlog went through the temporary queues: {forwarded}"
+    );
+    assert_eq!(ready(&queue).await, 0, "the queue is drained");
+    assert!(
+        queue_names(&format!("{queue}.drain.")).await.is_empty(),
+        "the temporary queues are gone"
+    );
     delete_queues(&queue).await;
     let _ = std::fs::remove_dir_all(dir);
 }
