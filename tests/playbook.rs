@@ -1027,6 +1027,196 @@ async fn approvals_need_a_terminal_or_yes() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Step options against the real broker, in one run: exec's env and expect_exit, a step that
+/// fails with continue_on_error, a threshold gate that holds above zero, a background forward
+/// stopped by a `stop-forward` without a name; and each step's progress as structured
+/// `--output json` events.
+#[tokio::test]
+async fn step_options_work_and_each_step_is_a_structured_event() {
+    let queue = unique("pb-opts");
+    let dir = scratch("pb-opts");
+    seed(&queue, 500).await;
+    // The threshold gate must see the real depth, not the statistics of a queue just declared.
+    eventually(
+        Duration::from_secs(30),
+        "the statistics show 500",
+        || async {
+            let messages = queue_info(&queue)
+                .await
+                .map(|info| info["messages"].clone());
+            match messages {
+                Some(Value::Number(n)) if n.as_u64() == Some(500) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let marker = dir.join("greeting");
+    let path = write(
+        &dir,
+        "options.yaml",
+        "\
+name: options
+vars:
+  queue: q
+  marker: /tmp/greeting
+steps:
+  - name: env and expected exit
+    exec:
+      command: 'echo \"$GREETING\" > ${vars.marker}; exit 3'
+      env: {GREETING: hello}
+      expect_exit: 3
+  - name: may fail
+    continue_on_error: true
+    exec: {command: 'true', expect_exit: 4}
+  - name: below a threshold
+    wait:
+      name: ${vars.queue}
+      until: source.depth < 1000
+      interval: 500ms
+      settle: 0s
+      timeout: 1m
+  - name: expand
+    expand: {name: '${vars.queue}', factor: 2}
+  - name: forward
+    forward: {name: '${vars.queue}', factor: 2, background: true}
+  - name: source empty
+    wait: {name: '${vars.queue}', until: source.depth == 0, interval: 500ms, timeout: 1m}
+  - stop-forward:
+",
+    );
+    let output = mqdrain_env(&[
+        "playbook",
+        "run",
+        &path.display().to_string(),
+        "--output",
+        "json",
+        "--state",
+        &dir.join("state.json").display().to_string(),
+        "--var",
+        &format!("queue={queue}"),
+        "--var",
+        &format!("marker={}", marker.display()),
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let outcome = stdout_json(&output);
+    let steps = outcome["steps"].as_array().expect("steps");
+    let outcomes: Vec<&str> = steps
+        .iter()
+        .map(|step| step["outcome"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["ok", "failed_continued", "ok", "ok", "ok", "ok", "ok"],
+        "{outcome:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("the command ran"),
+        "hello\n",
+        "exec's env reached the command, and exit 3 was the expected one"
+    );
+    assert!(
+        steps[1]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exited with code 0 (expected 4)"),
+        "{:#}",
+        steps[1]
+    );
+    assert_eq!(
+        steps[2]["result"]["source"]["depth"], 500,
+        "the threshold held with the backlog still there: {:#}",
+        steps[2]
+    );
+    assert_eq!(steps[4]["forwarded"]["forwarded"], 500, "{:#}", steps[4]);
+    assert_eq!(
+        steps[6]["actions"][0], "stopped background forward 'forward'",
+        "{:#}",
+        steps[6]
+    );
+    assert_eq!(ready(&queue).await, 0);
+
+    // Progress: a started and a finished event per step, in order, with its outcome and time.
+    let events: Vec<Value> = stderr(&output)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| {
+            matches!(
+                event["event"].as_str(),
+                Some("playbook_step_started" | "playbook_step_finished")
+            )
+        })
+        .collect();
+    assert_eq!(events.len(), 14, "{events:#?}");
+    for (number, pair) in events.chunks(2).enumerate() {
+        let (started, finished) = (&pair[0], &pair[1]);
+        assert_eq!(started["event"], "playbook_step_started", "{pair:#?}");
+        assert_eq!(finished["event"], "playbook_step_finished", "{pair:#?}");
+        for event in pair {
+            assert_eq!(event["index"], number + 1, "{pair:#?}");
+            assert_eq!(event["total"], 7);
+            assert_eq!(event["list"], "steps");
+            assert_eq!(event["name"], steps[number]["name"], "{pair:#?}");
+            assert_eq!(event["operation"], steps[number]["operation"]);
+        }
+        assert_eq!(finished["outcome"], outcomes[number], "{pair:#?}");
+        assert!(finished["duration_secs"].as_f64().is_some(), "{pair:#?}");
+    }
+    delete_queues(&queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An approval answered at a terminal (a pty from util-linux `script`): "n" stops the run before
+/// the next step, "y" lets it go on.
+#[tokio::test]
+async fn an_approval_answered_no_stops_the_run() {
+    let dir = scratch("pb-answer");
+    let marker = dir.join("ran");
+    let path = write(
+        &dir,
+        "approve.yaml",
+        &format!(
+            "name: approve\nsteps:\n  - approve: {{message: go?}}\n  - exec: {{command: 'touch {}'}}\n",
+            marker.display()
+        ),
+    );
+    let answer = |reply: &'static str, state: &str| {
+        let command = format!(
+            "{} playbook run {} --state {}",
+            env!("CARGO_BIN_EXE_mqdrain"),
+            path.display(),
+            dir.join(state).display()
+        );
+        async move {
+            let mut child = tokio::process::Command::new("script")
+                .args(["-qec", &command, "/dev/null"])
+                .env("MQDRAIN_URL", amqp_url())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("util-linux script runs");
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(reply.as_bytes()).await.expect("answer");
+            drop(stdin);
+            child.wait_with_output().await.expect("output")
+        }
+    };
+    let output = answer("n\n", "no.json").await;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("approve: go? [y/N]"), "asked: {text}");
+    assert!(text.contains("not approved: go?"), "{text}");
+    assert!(!marker.exists(), "the step after the approval did not run");
+    let output = answer("y\n", "yes.json").await;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(marker.exists(), "approved: the next step ran");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn sigint_cancels_with_130_and_runs_on_failure() {
     let dir = scratch("pb-cancel");

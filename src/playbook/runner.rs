@@ -15,8 +15,9 @@ use crate::ops::drain::{self, ForwardOutcome, WatchSample, WatchSpec};
 use crate::ops::exec;
 use crate::ops::forward_loop::LoopOutcome;
 use crate::ops::inspect::{self, InspectReport, InspectSpec};
+pub use crate::progress::StepOutcome;
 use crate::progress::{Event, Level, Progress, ProgressSink};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -45,53 +46,6 @@ pub struct RunOptions {
 
 /// Asks the operator a yes/no question (the UI's prompt); runs on a blocking thread.
 pub type Approver = Arc<dyn Fn(&str) -> bool + Send + Sync>;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StepOutcome {
-    Ok,
-    /// Failed, but the step has `continue_on_error: true`.
-    FailedContinued,
-    Failed,
-    TimedOut,
-    Cancelled,
-    /// Not run again by `--resume`: it finished in an earlier run.
-    Skipped,
-    /// Never reached: an earlier step failed.
-    NotRun,
-    /// `--dry-run`: what would happen was computed.
-    Planned,
-    /// `--dry-run`: computing the plan failed (often because an earlier step would create what
-    /// this one needs).
-    PlanFailed,
-}
-
-impl StepOutcome {
-    pub fn word(self) -> &'static str {
-        match self {
-            StepOutcome::Ok => "ok",
-            StepOutcome::FailedContinued => "failed (continued)",
-            StepOutcome::Failed => "failed",
-            StepOutcome::TimedOut => "timed out",
-            StepOutcome::Cancelled => "cancelled",
-            StepOutcome::Skipped => "skipped",
-            StepOutcome::NotRun => "not run",
-            StepOutcome::Planned => "planned",
-            StepOutcome::PlanFailed => "plan failed",
-        }
-    }
-
-    pub fn is_failure(self) -> bool {
-        matches!(
-            self,
-            StepOutcome::Failed
-                | StepOutcome::TimedOut
-                | StepOutcome::Cancelled
-                | StepOutcome::FailedContinued
-                | StepOutcome::PlanFailed
-        )
-    }
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRecord {
@@ -681,7 +635,6 @@ impl Runner<'_> {
     }
 
     async fn main_steps(&mut self, cancel: &CancellationToken) -> Option<(u8, String)> {
-        let total = self.playbook.steps.len();
         let mut failure: Option<(u8, String)> = None;
         for step in &self.playbook.steps {
             let mut record = record_for(step, "steps");
@@ -696,6 +649,7 @@ impl Runner<'_> {
                     exit::CANCELLED,
                     format!("cancelled before step {} '{}'", step.index + 1, step.name),
                 ));
+                self.step_finished(&record);
                 self.steps.push(record);
                 continue;
             }
@@ -710,32 +664,17 @@ impl Runner<'_> {
                 .cloned()
                 .unwrap_or(ResumePlan::Run);
             if let ResumePlan::Skip(reason) = &plan {
-                self.notice(
-                    Level::Info,
-                    format!(
-                        "step {}/{total} '{}': skipped, {reason}",
-                        step.index + 1,
-                        step.name
-                    ),
-                );
                 record.outcome = StepOutcome::Skipped;
                 record.message = Some(reason.clone());
+                self.step_finished(&record);
                 self.steps.push(record);
                 continue;
             }
-            self.notice(
-                Level::Info,
-                format!(
-                    "step {}/{total} '{}': {}{}",
-                    step.index + 1,
-                    step.name,
-                    step.operation.key(),
-                    match &plan {
-                        ResumePlan::Verify(why) => format!(" (resumed: {why})"),
-                        _ => String::new(),
-                    }
-                ),
-            );
+            let note = match &plan {
+                ResumePlan::Verify(why) => Some(format!("resumed: {why}")),
+                _ => None,
+            };
+            self.step_started(step, "steps", note);
             self.execute(
                 step,
                 &mut record,
@@ -748,15 +687,6 @@ impl Runner<'_> {
                     && matches!(record.outcome, StepOutcome::Failed | StepOutcome::TimedOut)
                 {
                     record.outcome = StepOutcome::FailedContinued;
-                    self.notice(
-                        Level::Warn,
-                        format!(
-                            "step {} '{}' failed, continuing (continue_on_error): {}",
-                            step.index + 1,
-                            step.name,
-                            record.message.clone().unwrap_or_default()
-                        ),
-                    );
                 } else if record.outcome != StepOutcome::FailedContinued {
                     let error = record.message.clone().unwrap_or_default();
                     failure = Some(match record.outcome {
@@ -788,26 +718,52 @@ impl Runner<'_> {
                     });
                 }
             }
+            self.step_finished(&record);
             self.save_journal(&record);
             self.steps.push(record);
         }
         failure
     }
 
+    fn step_started(&self, step: &Step, list: &'static str, note: Option<String>) {
+        self.progress.emit(Event::PlaybookStepStarted {
+            list,
+            index: step.index + 1,
+            total: self.total(list),
+            name: step.name.clone(),
+            operation: step.operation.key(),
+            note,
+        });
+    }
+
+    fn step_finished(&self, record: &StepRecord) {
+        self.progress.emit(Event::PlaybookStepFinished {
+            list: record.list,
+            index: record.index + 1,
+            total: self.total(record.list),
+            name: record.name.clone(),
+            operation: record.operation,
+            outcome: record.outcome,
+            duration_secs: record.duration_secs(),
+            message: record.message.clone(),
+            timed_out: record.timed_out.clone(),
+        });
+    }
+
+    fn total(&self, list: &str) -> usize {
+        if list == "steps" {
+            self.playbook.steps.len()
+        } else {
+            self.playbook.on_failure.len()
+        }
+    }
+
     async fn on_failure_steps(&mut self, cancel: &CancellationToken) {
         for step in &self.playbook.on_failure {
             let mut record = record_for(step, "on_failure");
-            self.notice(
-                Level::Info,
-                format!(
-                    "on_failure {}/{} '{}': {}",
-                    step.index + 1,
-                    self.playbook.on_failure.len(),
-                    step.name,
-                    step.operation.key()
-                ),
-            );
+            self.step_started(step, "on_failure", None);
             self.execute(step, &mut record, false, cancel).await;
+            self.step_finished(&record);
             self.on_failure.push(record);
         }
     }
@@ -821,7 +777,6 @@ impl Runner<'_> {
         cancel: &CancellationToken,
     ) {
         record.started_at = Some(now());
-        let started = Instant::now();
         let scope = StepScope::new(self.progress.clone());
         let progress: Progress = scope.clone();
         let work = self.operation(step, &progress, verify_only, cancel);
@@ -841,7 +796,6 @@ impl Runner<'_> {
         };
         scope.close();
         record.finished_at = Some(now());
-        let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(done) => {
                 record.outcome = if self.options.dry_run {
@@ -853,15 +807,6 @@ impl Runner<'_> {
                 record.message = done.message;
                 record.result = done.result;
                 record.forwarded = done.forwarded;
-                self.notice(
-                    Level::Info,
-                    format!(
-                        "step {} '{}': {} in {seconds:.1}s",
-                        step.index + 1,
-                        step.name,
-                        record.outcome.word()
-                    ),
-                );
             }
             Err(error) => {
                 record.outcome = if self.options.dry_run {
@@ -889,15 +834,6 @@ impl Runner<'_> {
                         ));
                     }
                 }
-                self.notice(
-                    Level::Warn,
-                    format!(
-                        "step {} '{}': {} after {seconds:.1}s: {error}",
-                        step.index + 1,
-                        step.name,
-                        record.outcome.word()
-                    ),
-                );
             }
         }
     }
