@@ -107,46 +107,68 @@ async fn delete_queues(prefix: &str) {
     let _ = connection.close(200, "bye".into()).await;
 }
 
-/// A minimal well-formedness check: tags nest and close, attributes are quoted.
-fn well_formed(xml: &str) -> Result<(), String> {
-    let mut stack: Vec<String> = Vec::new();
-    let mut rest = xml;
-    while let Some(open) = rest.find('<') {
-        let text = &rest[..open];
-        if text.contains('>') || (text.contains('&') && !text.contains(';')) {
-            return Err(format!("stray markup in text: {text}"));
-        }
-        let close = rest[open..].find('>').ok_or("unclosed tag")? + open;
-        let tag = &rest[open + 1..close];
-        rest = &rest[close + 1..];
-        if tag.starts_with('?') || tag.starts_with('!') {
-            continue;
-        }
-        if let Some(name) = tag.strip_prefix('/') {
-            let top = stack.pop().ok_or(format!("</{name}> closes nothing"))?;
-            if top != name.trim() {
-                return Err(format!("</{name}> closes <{top}>"));
+/// One testcase of a JUnit file: `result` is `passed`, `failure` or `skipped`.
+#[derive(Debug)]
+struct Case {
+    name: String,
+    result: String,
+    kind: String,
+    message: String,
+}
+
+/// The JUnit file's testcases, read by a real XML parser (which also proves it well-formed).
+fn junit_cases(xml: &str) -> Vec<Case> {
+    let document = roxmltree::Document::parse(xml).unwrap_or_else(|error| panic!("{error}\n{xml}"));
+    document
+        .descendants()
+        .filter(|node| node.has_tag_name("testcase"))
+        .map(|case| {
+            let verdict = case
+                .children()
+                .find(|child| child.has_tag_name("failure") || child.has_tag_name("skipped"));
+            Case {
+                name: case.attribute("name").unwrap_or_default().to_string(),
+                result: verdict
+                    .map_or("passed", |node| node.tag_name().name())
+                    .to_string(),
+                kind: verdict
+                    .and_then(|node| node.attribute("type"))
+                    .unwrap_or_default()
+                    .to_string(),
+                message: verdict
+                    .and_then(|node| node.attribute("message"))
+                    .unwrap_or_default()
+                    .to_string(),
             }
-            continue;
-        }
-        if tag.matches('"').count() % 2 != 0 {
-            return Err(format!("unbalanced quotes in <{tag}>"));
-        }
-        let name = tag
-            .split_whitespace()
-            .next()
-            .ok_or("empty tag")?
-            .trim_end_matches('/')
-            .to_string();
-        if !tag.ends_with('/') {
-            stack.push(name);
-        }
-    }
-    if stack.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("unclosed: {stack:?}"))
-    }
+        })
+        .collect()
+}
+
+/// How many data points the report chart's series `name` has (parsed as XML).
+fn chart_points(svg: &str, name: &str) -> usize {
+    let document = roxmltree::Document::parse(svg).unwrap_or_else(|error| panic!("{error}\n{svg}"));
+    document
+        .descendants()
+        .find(|node| node.has_tag_name("polyline") && node.attribute("data-name") == Some(name))
+        .and_then(|line| line.attribute("points"))
+        .map_or(0, |points| points.split_whitespace().count())
+}
+
+/// Waits until the management statistics report `count` messages on `queue`: a gate or report
+/// that must see the real depth should not start on the stale 0 of a queue just declared.
+async fn statistics_show(queue: &str, count: u64) {
+    eventually(
+        Duration::from_secs(30),
+        "the statistics catch up",
+        || async {
+            let messages = queue_info(queue).await.map(|info| info["messages"].clone());
+            match messages {
+                Some(Value::Number(n)) if n.as_u64() == Some(count) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -270,6 +292,7 @@ async fn rabbitmq_drain_playbook_runs_end_to_end() {
     let queue = unique("pb-e2e");
     let dir = scratch("pb-e2e");
     seed(&queue, 3000).await;
+    statistics_show(&queue, 3000).await;
     let playbook = playbooks_dir().join("rabbitmq-drain.yaml");
     let (state, junit, report) = (
         dir.join("state.json"),
@@ -334,9 +357,13 @@ async fn rabbitmq_drain_playbook_runs_end_to_end() {
     assert!(queue_names(&format!("{queue}.drain.")).await.is_empty());
 
     let xml = std::fs::read_to_string(&junit).expect("junit written");
-    well_formed(&xml).unwrap_or_else(|error| panic!("{error}\n{xml}"));
-    assert_eq!(xml.matches("<testcase ").count(), 13, "{xml}");
-    assert!(!xml.contains("<failure"), "{xml}");
+    let cases = junit_cases(&xml);
+    assert_eq!(cases.len(), 13, "{xml}");
+    assert!(
+        cases.iter().all(|case| case.result == "passed"),
+        "{cases:#?}"
+    );
+    assert_eq!(cases[4].name, "05 forward (forward)", "{cases:#?}");
 
     let markdown = std::fs::read_to_string(&report).expect("report written");
     assert!(markdown.contains("## Timeline"), "{markdown}");
@@ -348,8 +375,16 @@ async fn rabbitmq_drain_playbook_runs_end_to_end() {
         "{markdown}"
     );
     assert!(markdown.contains(&format!("data-name=\"{queue}.drain.0\"")));
+    assert!(
+        markdown.contains(&format!("| `{queue}` (source) | 3000 | 3000 | 0 |")),
+        "the source's depth before the drain, at its peak and after: {markdown}"
+    );
     let svg = std::fs::read_to_string(dir.join("report.svg")).expect("svg written");
-    well_formed(&svg).unwrap_or_else(|error| panic!("{error}\n{svg}"));
+    assert!(chart_points(&svg, &queue) >= 3, "{svg}");
+    assert!(
+        chart_points(&svg, &format!("{queue}.drain.0")) >= 2,
+        "{svg}"
+    );
     assert!(markdown.contains("](report.svg)"));
 
     let journal: Value =
@@ -427,6 +462,7 @@ async fn dry_run_changes_nothing() {
     let dir = scratch("pb-dry");
     seed(&queue, 50).await;
     let state = dir.join("state.json");
+    let junit = dir.join("junit.xml");
     let output = mqdrain_env(&[
         "playbook",
         "run",
@@ -439,6 +475,8 @@ async fn dry_run_changes_nothing() {
         &format!("queue={queue}"),
         "--state",
         &state.display().to_string(),
+        "--junit",
+        &junit.display().to_string(),
     ])
     .await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
@@ -451,6 +489,25 @@ async fn dry_run_changes_nothing() {
     assert!(text.contains("would ask for approval"), "{text}");
     assert!(text.contains("would run `echo"), "{text}");
     assert!(text.contains("settings: factor=4"), "{text}");
+    // The forward cannot be planned before expand created its queues: expected, so the JUnit
+    // file (of a run that exits 0) shows it skipped with the reason, not failed.
+    let cases = junit_cases(&std::fs::read_to_string(&junit).expect("junit written"));
+    assert_eq!(cases.len(), 13, "{cases:#?}");
+    assert!(
+        cases.iter().all(|case| case.result != "failure"),
+        "{cases:#?}"
+    );
+    let forward = cases
+        .iter()
+        .find(|case| case.name == "05 forward (forward)")
+        .expect("the forward's case");
+    assert_eq!(forward.result, "skipped", "{forward:#?}");
+    assert!(
+        forward
+            .message
+            .contains("an earlier expand step creates it"),
+        "{forward:#?}"
+    );
     // On the broker: no temporary queue, the backlog untouched; and no journal was written.
     assert!(queue_names(&format!("{queue}.")).await.is_empty());
     assert_eq!(ready(&queue).await, 50);
@@ -919,10 +976,19 @@ steps:
         stderr(&output)
     );
     let xml = std::fs::read_to_string(&junit).expect("junit");
-    well_formed(&xml).unwrap_or_else(|error| panic!("{error}\n{xml}"));
-    assert_eq!(xml.matches("<testcase ").count(), 2);
-    assert!(xml.contains("type=\"timeout\""), "{xml}");
-    assert!(xml.contains("<skipped message=\"not run"), "{xml}");
+    let cases = junit_cases(&xml);
+    assert_eq!(cases.len(), 2, "{xml}");
+    assert_eq!(
+        (cases[0].result.as_str(), cases[0].kind.as_str()),
+        ("failure", "timeout"),
+        "{cases:#?}"
+    );
+    assert!(
+        cases[0].message.starts_with("timed out (gate timeout): "),
+        "{cases:#?}"
+    );
+    assert_eq!(cases[1].result, "skipped", "{cases:#?}");
+    assert!(cases[1].message.starts_with("not run"), "{cases:#?}");
     delete_queues(&queue).await;
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -1036,21 +1102,7 @@ async fn step_options_work_and_each_step_is_a_structured_event() {
     let queue = unique("pb-opts");
     let dir = scratch("pb-opts");
     seed(&queue, 500).await;
-    // The threshold gate must see the real depth, not the statistics of a queue just declared.
-    eventually(
-        Duration::from_secs(30),
-        "the statistics show 500",
-        || async {
-            let messages = queue_info(&queue)
-                .await
-                .map(|info| info["messages"].clone());
-            match messages {
-                Some(Value::Number(n)) if n.as_u64() == Some(500) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    statistics_show(&queue, 500).await;
     let marker = dir.join("greeting");
     let path = write(
         &dir,
@@ -1494,32 +1546,24 @@ async fn shipped_kafka_drain_playbook_drains_end_to_end() {
     );
     assert!(markdown.contains("## Lag over time"), "{markdown}");
     let svg = std::fs::read_to_string(dir.join("report.svg")).expect("chart written");
-    let points = |name: &str| {
-        let start = svg
-            .find(&format!("data-name=\"{name}\""))
-            .unwrap_or_else(|| panic!("no series {name}: {svg}"));
-        let line = &svg[start..svg[start..].find('\n').map_or(svg.len(), |end| start + end)];
-        line.split("points=\"").nth(1).map_or(0, |rest| {
-            rest.split('"')
-                .next()
-                .unwrap_or_default()
-                .split_whitespace()
-                .count()
-        })
-    };
     assert!(
-        points(&topic) >= 3,
+        chart_points(&svg, &topic) >= 3,
         "the source's lag has data points: {svg}"
     );
     assert!(
-        points(&format!("{temp}[0]")) >= 2,
+        chart_points(&svg, &format!("{temp}[0]")) >= 2,
         "the temporary partitions' lag has data points: {svg}"
     );
     let xml = std::fs::read_to_string(dir.join("junit.xml")).expect("junit written");
+    let cases = junit_cases(&xml);
     assert_eq!(
-        xml.matches("<testcase ").count(),
+        cases.len(),
         outcome["steps"].as_array().map_or(0, Vec::len),
         "one case per step: {xml}"
+    );
+    assert!(
+        cases.iter().all(|case| case.result == "passed"),
+        "{cases:#?}"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

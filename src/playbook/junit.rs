@@ -53,11 +53,11 @@ fn testcase(out: &mut String, suite: &str, record: &StepRecord) {
                 );
             }
         }
-        StepOutcome::Skipped | StepOutcome::NotRun => {
-            let reason = if record.outcome == StepOutcome::NotRun {
-                "not run: an earlier step failed".to_string()
-            } else {
-                format!("skipped on resume: {message}")
+        StepOutcome::Skipped | StepOutcome::NotRun | StepOutcome::PlanDeferred => {
+            let reason = match record.outcome {
+                StepOutcome::NotRun => "not run: an earlier step failed".to_string(),
+                StepOutcome::PlanDeferred => format!("not planned in the dry run: {message}"),
+                _ => format!("skipped on resume: {message}"),
             };
             let _ = write!(
                 out,
@@ -94,7 +94,12 @@ pub fn render(outcome: &RunOutcome) -> String {
         .count();
     let skipped = records
         .iter()
-        .filter(|record| matches!(record.outcome, StepOutcome::Skipped | StepOutcome::NotRun))
+        .filter(|record| {
+            matches!(
+                record.outcome,
+                StepOutcome::Skipped | StepOutcome::NotRun | StepOutcome::PlanDeferred
+            )
+        })
         .count();
     let time = outcome.finished_at - outcome.started_at;
     let suite = format!("playbook.{}", outcome.name.replace(' ', "_"));

@@ -821,8 +821,8 @@ impl Runner<'_> {
                 if self.options.dry_run {
                     // The temporary queues/topic an earlier expand would create do not exist in
                     // a dry run: expected. Anything else is a real problem the run would hit.
-                    let expected = matches!(&error, Error::NotFound { kind, .. } if kind.starts_with("temporary"));
-                    if expected {
+                    if self.created_earlier(step, &error) {
+                        record.outcome = StepOutcome::PlanDeferred;
                         record.message = Some(format!(
                             "{error} (expected in a dry run: an earlier expand step creates it)"
                         ));
@@ -836,6 +836,29 @@ impl Runner<'_> {
                 }
             }
         }
+    }
+
+    /// Whether `error` is about temporary topology that an expand before `step` creates.
+    fn created_earlier(&self, step: &Step, error: &Error) -> bool {
+        let Error::NotFound { name, .. } = error else {
+            return false;
+        };
+        self.playbook.steps[..step.index.min(self.playbook.steps.len())]
+            .iter()
+            .any(|earlier| match &earlier.operation {
+                Operation::Expand(expand) => {
+                    let temp = expand.temp.as_deref();
+                    name.starts_with(&match self.target {
+                        Target::Rabbit(_) => {
+                            crate::broker::rabbitmq::drain::temp_prefix(&expand.name, temp)
+                        }
+                        Target::Kafka(_) => {
+                            crate::broker::kafka::drain::temp_topic(&expand.name, temp)
+                        }
+                    })
+                }
+                _ => false,
+            })
     }
 
     async fn operation(

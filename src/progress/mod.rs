@@ -88,9 +88,11 @@ pub enum StepOutcome {
     NotRun,
     /// `--dry-run`: what would happen was computed.
     Planned,
-    /// `--dry-run`: computing the plan failed (often because an earlier step would create what
-    /// this one needs).
+    /// `--dry-run`: computing the plan failed for a reason the real run would hit too.
     PlanFailed,
+    /// `--dry-run`: cannot be planned because an earlier step would create what it needs (the
+    /// temporary queues of an expand). Expected, not a failure.
+    PlanDeferred,
 }
 
 impl StepOutcome {
@@ -105,6 +107,7 @@ impl StepOutcome {
             StepOutcome::NotRun => "not run",
             StepOutcome::Planned => "planned",
             StepOutcome::PlanFailed => "plan failed",
+            StepOutcome::PlanDeferred => "needs an earlier step",
         }
     }
 
