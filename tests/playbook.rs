@@ -238,6 +238,53 @@ steps:
         "{}",
         stderr(&output)
     );
+    // Every bad option of a step is reported, columns count characters (`✓` is 3 bytes), and a
+    // missing top-level key points at the mapping it belongs in, past the leading comments.
+    let unicode = write(
+        &dir,
+        "unicode.yaml",
+        "name: ünïcode\nsteps:\n  - exec: {command: 'echo ✓ ${vars.nope}', colour: x, timeout: soon}\n",
+    );
+    let file = unicode.display().to_string();
+    let output = mqdrain(&["playbook", "check", &file]).await;
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(text.contains("invalid playbook (3 problems)"), "{text}");
+    for (line, column, message) in [
+        (3, 29, "undefined variable `${vars.nope}`"),
+        (3, 44, "unknown option `colour` for `exec`"),
+        (
+            3,
+            64,
+            "wrong value for `exec` option `timeout`: 'soon' is not a duration",
+        ),
+    ] {
+        let wanted = format!("{file}:{line}:{column}: ");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&wanted) && l.contains(message)),
+            "expected `{wanted}...{message}` in:\n{text}"
+        );
+    }
+    let headless = write(
+        &dir,
+        "headless.yaml",
+        "# a playbook\n# without name or steps\n\ndescription: oops\nvars: {}\n",
+    );
+    let file = headless.display().to_string();
+    let output = mqdrain(&["playbook", "check", &file]).await;
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    for field in ["name", "steps"] {
+        let wanted = format!(
+            "{file}:4:1: missing required field `{field}` in the playbook's top-level mapping"
+        );
+        assert!(
+            text.lines().any(|l| l.starts_with(&wanted)),
+            "expected `{wanted}` in:\n{text}"
+        );
+    }
+
     // --var of an undeclared variable is refused too.
     let output = mqdrain(&[
         "playbook",
