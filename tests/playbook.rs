@@ -107,7 +107,7 @@ async fn delete_queues(prefix: &str) {
     let _ = connection.close(200, "bye".into()).await;
 }
 
-/// One testcase of a JUnit file: `result` is `passed`, `failure` or `skipped`.
+/// One testcase of a JUnit file: `result` is `passed`, `failure`, `error` or `skipped`.
 #[derive(Debug)]
 struct Case {
     name: String,
@@ -123,9 +123,11 @@ fn junit_cases(xml: &str) -> Vec<Case> {
         .descendants()
         .filter(|node| node.has_tag_name("testcase"))
         .map(|case| {
-            let verdict = case
-                .children()
-                .find(|child| child.has_tag_name("failure") || child.has_tag_name("skipped"));
+            let verdict = case.children().find(|child| {
+                ["failure", "error", "skipped"]
+                    .iter()
+                    .any(|verdict| child.has_tag_name(*verdict))
+            });
             Case {
                 name: case.attribute("name").unwrap_or_default().to_string(),
                 result: verdict
@@ -1113,6 +1115,96 @@ async fn exit_codes_of_a_run_are_distinct_and_timeouts_say_which() {
             "{name}: {xml}"
         );
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A run that stops before its first step (invalid playbook, approvals without a terminal, an
+/// unfinished journal), or whose journal cannot be written at the end, still leaves the JUnit
+/// file and the report it was asked for, saying why.
+#[tokio::test]
+async fn early_errors_still_write_junit_and_report() {
+    let dir = scratch("pb-early");
+    let run = |name: &str, text: &str, state: &Path| {
+        let path = write(&dir, &format!("{name}.yaml"), text);
+        let (junit, report) = (
+            dir.join(format!("{name}.xml")),
+            dir.join(format!("{name}.md")),
+        );
+        let state = state.display().to_string();
+        async move {
+            let output = mqdrain_env(&[
+                "playbook",
+                "run",
+                &path.display().to_string(),
+                "--state",
+                &state,
+                "--junit",
+                &junit.display().to_string(),
+                "--report",
+                &report.display().to_string(),
+            ])
+            .await;
+            let xml = std::fs::read_to_string(&junit)
+                .unwrap_or_else(|_| panic!("no JUnit file: {}", stderr(&output)));
+            let markdown = std::fs::read_to_string(&report)
+                .unwrap_or_else(|_| panic!("no report: {}", stderr(&output)));
+            (output, junit_cases(&xml), markdown)
+        }
+    };
+    let state = dir.join("state.json");
+
+    let (output, cases, markdown) =
+        run("invalid", "name: t\nsteps:\n  - exapnd: {}\n", &state).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert_eq!(cases.len(), 1, "{cases:#?}");
+    assert_eq!(
+        (cases[0].result.as_str(), cases[0].kind.as_str()),
+        ("error", "exit 2"),
+        "{cases:#?}"
+    );
+    assert!(cases[0].message.contains("invalid playbook"), "{cases:#?}");
+    assert!(markdown.contains("not started (exit 2)"), "{markdown}");
+
+    let approve = "name: t\nsteps:\n  - approve: {message: go?}\n";
+    let (output, cases, markdown) = run("approve", approve, &state).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert_eq!(cases[0].result, "error", "{cases:#?}");
+    assert!(cases[0].message.contains("--yes"), "{cases:#?}");
+    assert!(markdown.contains("No step ran"), "{markdown}");
+
+    let failing = "name: t\nsteps:\n  - exec: {command: 'false'}\n";
+    let (output, _, _) = run("failing", failing, &state).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let (output, cases, _) = run("failing", failing, &state).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        cases[0].message.contains("pass --resume to continue it"),
+        "{cases:#?}"
+    );
+
+    // The journal's temporary file becomes a directory under the run: the final save fails.
+    let broken = dir.join("broken.json");
+    let (output, cases, markdown) = run(
+        "journal",
+        &format!(
+            "name: t\nsteps:\n  - name: block the journal\n    exec: {{command: 'mkdir {}.tmp'}}\n",
+            broken.display()
+        ),
+        &broken,
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert_eq!(cases.len(), 2, "{cases:#?}");
+    assert_eq!(cases[0].result, "passed", "{cases:#?}");
+    assert_eq!(cases[1].result, "error", "{cases:#?}");
+    assert!(
+        cases[1].message.contains("cannot write the run journal"),
+        "{cases:#?}"
+    );
+    assert!(
+        markdown.contains("| 1 | block the journal | exec |"),
+        "{markdown}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

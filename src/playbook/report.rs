@@ -436,6 +436,23 @@ pub fn markdown(
     out
 }
 
+/// The report of a run that ended before its first step (invalid playbook, a journal that
+/// cannot be resumed, approvals without a terminal): what was refused and why.
+pub fn markdown_error(name: &str, playbook: &str, message: &str, exit_code: u8, at: f64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Post-incident report: {name}\n");
+    let _ = writeln!(out, "| | |\n|---|---|");
+    let _ = writeln!(out, "| Playbook | `{}` |", cell(playbook));
+    let _ = writeln!(out, "| Started | {} |", utc(at));
+    let _ = writeln!(
+        out,
+        "| Result | not started (exit {exit_code}): {} |",
+        cell(message)
+    );
+    let _ = writeln!(out, "\nNo step ran, nothing was changed.");
+    out
+}
+
 fn timeline(out: &mut String, records: &[StepRecord]) {
     let _ = writeln!(
         out,

@@ -310,11 +310,11 @@ pub async fn run(
     if let Some(sampler) = sampler {
         sampler.abort();
     }
-    let (exit_code, error) = match &failure {
+    let (mut exit_code, mut error) = match &failure {
         Some((code, message)) => (*code, Some(message.clone())),
         None => (exit::OK, None),
     };
-    let status = match exit_code {
+    let mut status = match exit_code {
         exit::OK => RunStatus::Succeeded,
         exit::CANCELLED => RunStatus::Cancelled,
         _ => RunStatus::Failed,
@@ -324,8 +324,24 @@ pub async fn run(
         journal.updated_at = now();
         options.state_path.display().to_string()
     });
-    if let Some(journal) = &runner.journal {
-        journal.save(&options.state_path)?;
+    // The steps ran: an unwritable journal must not cost their outcome (nor the JUnit file and
+    // report made from it), but the run cannot count as a success either.
+    if let Some(Err(save)) = runner
+        .journal
+        .as_ref()
+        .map(|journal| journal.save(&options.state_path))
+    {
+        let note = format!(
+            "{save}; the journal on disk does not show how this run ended, so delete it before running the playbook again"
+        );
+        match &mut error {
+            Some(message) => message.push_str(&format!("; also: {note}")),
+            None => {
+                error = Some(note);
+                exit_code = exit::FAILED;
+                status = RunStatus::Failed;
+            }
+        }
     }
     Ok(RunOutcome {
         name: playbook.name.clone(),
