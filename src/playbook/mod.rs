@@ -131,17 +131,6 @@ impl Operation {
         }
     }
 
-    /// Steps that change a broker or the world; `--resume` does not repeat them blindly.
-    pub fn mutating(&self) -> bool {
-        !matches!(
-            self,
-            Operation::Inspect(_)
-                | Operation::Watch(_)
-                | Operation::Wait(_)
-                | Operation::Approve(_)
-        )
-    }
-
     /// The queue or topic the step works on, if it names one.
     pub fn subject(&self) -> Option<(&str, Option<&str>)> {
         match self {
