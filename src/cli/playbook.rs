@@ -9,12 +9,14 @@ const PLAYBOOK_HELP: &str = "\
 Exit codes of `playbook run`: 0 every step succeeded (or the dry run planned them all),
 1 a step failed (on_failure steps ran; with --dry-run: a step could not be planned for a reason
 other than temporary queues an earlier step would create), 2 the playbook is invalid or cannot
-run as asked
-(`playbook check` reports every problem as FILE:LINE:COLUMN), 5 a wait gate or a step's timeout
-ran out, 130 cancelled by SIGINT/SIGTERM (background forwards are stopped gracefully and
-on_failure runs; a second signal exits at once).
+run as asked (`playbook check` reports every problem as FILE:LINE:COLUMN; a journal --resume
+cannot continue; approve steps without a terminal or --yes), 5 a bounded wait ran out: a gate's,
+a step's own or an exec's timeout (the summary and the JUnit failure say which), 130 cancelled by
+SIGINT/SIGTERM (background forwards are stopped gracefully and on_failure runs; a second signal
+exits at once).
 
-The format is documented by the commented playbooks in playbooks/ (rabbitmq-drain.yaml).
+The format is documented in README.md (Playbooks) and by the commented playbooks in
+playbooks/ (rabbitmq-drain.yaml).
 The playbook's `broker:` section names the broker; --url (MQDRAIN_URL) is used only when it has
 none. exec steps get MQDRAIN (this executable) and MQDRAIN_URL in their environment.
 
@@ -67,8 +69,10 @@ pub struct RunArgs {
     /// Run journal recording finished steps (default: <playbook>.state.json next to it).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
-    /// Continue an earlier run from its journal: finished mutating steps are skipped (a finished
-    /// forward is never repeated), read-only checks and expand run again to re-verify the state.
+    /// Continue an earlier run from its journal: finished steps are not repeated; what a
+    /// finished step established is re-verified only when a step that runs now relies on it
+    /// (and no finished exec/restore changed it since); a background forward that was not
+    /// stopped starts again. A run that already succeeded: nothing to do.
     #[arg(long)]
     pub resume: bool,
     /// Write a JUnit XML file with one testcase per step.

@@ -36,7 +36,13 @@ pub mod duration_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    fn parse(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text).map_err(|error| {
+            format!("'{text}' is not a duration ({error}); write e.g. 30s, 5m or 1h")
+        })
     }
 
     /// The same for optional durations.
@@ -58,7 +64,7 @@ pub mod duration_text {
             deserializer: D,
         ) -> Result<Option<Duration>, D::Error> {
             let text = Option::<String>::deserialize(deserializer)?;
-            text.map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
+            text.map(|text| super::parse(&text).map_err(serde::de::Error::custom))
                 .transpose()
         }
     }

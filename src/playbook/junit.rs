@@ -1,5 +1,6 @@
 //! JUnit XML of a run (`--junit`): one testcase per step, so CI systems show a playbook run
-//! like a test suite — failures with their message, skipped and never-reached steps as skipped.
+//! like a test suite — failures with their message, skipped and never-reached steps as skipped,
+//! and a run that failed outside any step (before the first, or its journal) as an error case.
 
 use super::runner::{RunOutcome, StepOutcome, StepRecord};
 use std::fmt::Write;
@@ -53,11 +54,11 @@ fn testcase(out: &mut String, suite: &str, record: &StepRecord) {
                 );
             }
         }
-        StepOutcome::Skipped | StepOutcome::NotRun => {
-            let reason = if record.outcome == StepOutcome::NotRun {
-                "not run: an earlier step failed".to_string()
-            } else {
-                format!("skipped on resume: {message}")
+        StepOutcome::Skipped | StepOutcome::NotRun | StepOutcome::PlanDeferred => {
+            let reason = match record.outcome {
+                StepOutcome::NotRun => "not run: an earlier step failed".to_string(),
+                StepOutcome::PlanDeferred => format!("not planned in the dry run: {message}"),
+                _ => format!("skipped on resume: {message}"),
             };
             let _ = write!(
                 out,
@@ -71,10 +72,11 @@ fn testcase(out: &mut String, suite: &str, record: &StepRecord) {
                 StepOutcome::Cancelled => "cancelled",
                 _ => "failure",
             };
+            let word = record.outcome_text();
             let _ = write!(
                 out,
                 ">\n      <failure message=\"{}\" type=\"{kind}\">{}</failure>\n    </testcase>\n",
-                escape(&format!("{}: {message}", outcome.word())),
+                escape(&format!("{word}: {message}")),
                 escape(&format!("{message}\n{body}"))
             );
         }
@@ -87,32 +89,106 @@ pub fn render(outcome: &RunOutcome) -> String {
         .iter()
         .chain(outcome.on_failure.iter())
         .collect();
-    let failures = records
-        .iter()
-        .filter(|record| record.outcome.is_failure())
-        .count();
-    let skipped = records
-        .iter()
-        .filter(|record| matches!(record.outcome, StepOutcome::Skipped | StepOutcome::NotRun))
-        .count();
-    let time = outcome.finished_at - outcome.started_at;
-    let suite = format!("playbook.{}", outcome.name.replace(' ', "_"));
+    let suite = suite_name(&outcome.name);
+    let mut cases = String::new();
+    for record in &records {
+        testcase(&mut cases, &suite, record);
+    }
+    // A run that failed without a failed step (its journal could not be written): CI must see
+    // why it exited non-zero.
+    let step_failed = records.iter().any(|record| {
+        matches!(
+            record.outcome,
+            StepOutcome::Failed
+                | StepOutcome::TimedOut
+                | StepOutcome::Cancelled
+                | StepOutcome::PlanFailed
+        )
+    });
+    let run_error = outcome.error.as_deref().filter(|_| !step_failed);
+    if let Some(message) = run_error {
+        error_case(&mut cases, &suite, message, outcome.exit_code);
+    }
+    let counts = Counts {
+        tests: records.len() + usize::from(run_error.is_some()),
+        failures: records
+            .iter()
+            .filter(|record| record.outcome.is_failure())
+            .count(),
+        errors: usize::from(run_error.is_some()),
+        skipped: records
+            .iter()
+            .filter(|record| {
+                matches!(
+                    record.outcome,
+                    StepOutcome::Skipped | StepOutcome::NotRun | StepOutcome::PlanDeferred
+                )
+            })
+            .count(),
+    };
+    document(
+        &suite,
+        outcome.started_at,
+        outcome.finished_at - outcome.started_at,
+        &counts,
+        &cases,
+    )
+}
+
+/// A run that ended before its first step (invalid playbook, a journal that cannot be resumed,
+/// approvals without a terminal): one error case, so CI shows why.
+pub fn render_error(name: &str, message: &str, exit_code: u8, at: f64) -> String {
+    let suite = suite_name(name);
+    let mut cases = String::new();
+    error_case(&mut cases, &suite, message, exit_code);
+    let counts = Counts {
+        tests: 1,
+        failures: 0,
+        errors: 1,
+        skipped: 0,
+    };
+    document(&suite, at, 0.0, &counts, &cases)
+}
+
+struct Counts {
+    tests: usize,
+    failures: usize,
+    errors: usize,
+    skipped: usize,
+}
+
+fn suite_name(name: &str) -> String {
+    format!("playbook.{}", name.replace(' ', "_"))
+}
+
+fn error_case(out: &mut String, suite: &str, message: &str, exit_code: u8) {
+    let _ = write!(
+        out,
+        "    <testcase classname=\"{suite}\" name=\"run\" time=\"0.000\">\n      <error message=\"{message}\" type=\"exit {exit_code}\">{message}</error>\n    </testcase>\n",
+        suite = escape(suite),
+        message = escape(message),
+    );
+}
+
+fn document(suite: &str, started_at: f64, time: f64, counts: &Counts, cases: &str) -> String {
+    let Counts {
+        tests,
+        failures,
+        errors,
+        skipped,
+    } = counts;
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
         out,
-        r#"<testsuites name="mqdrain" tests="{}" failures="{failures}" errors="0" skipped="{skipped}" time="{time:.3}">"#,
-        records.len()
+        r#"<testsuites name="mqdrain" tests="{tests}" failures="{failures}" errors="{errors}" skipped="{skipped}" time="{time:.3}">"#
     );
     let _ = writeln!(
         out,
-        r#"  <testsuite name="{}" tests="{}" failures="{failures}" errors="0" skipped="{skipped}" time="{time:.3}" timestamp="{}">"#,
-        escape(&suite),
-        records.len(),
-        super::report::utc(outcome.started_at).trim_end_matches('Z')
+        r#"  <testsuite name="{}" tests="{tests}" failures="{failures}" errors="{errors}" skipped="{skipped}" time="{time:.3}" timestamp="{}">"#,
+        escape(suite),
+        super::report::utc(started_at).trim_end_matches('Z')
     );
-    for record in records {
-        testcase(&mut out, &suite, record);
-    }
+    out.push_str(cases);
     out.push_str("  </testsuite>\n</testsuites>\n");
     out
 }
@@ -124,5 +200,18 @@ mod tests {
     #[test]
     fn escapes_markup_and_control_characters() {
         assert_eq!(escape("a<b & \"c\"\u{1}"), "a&lt;b &amp; &quot;c&quot; ");
+    }
+
+    #[test]
+    fn an_early_error_is_one_error_case() {
+        let xml = render_error("my run", "bad <journal>", 2, 0.0);
+        assert!(
+            xml.contains(r#"tests="1" failures="0" errors="1" skipped="0""#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(r#"<error message="bad &lt;journal&gt;" type="exit 2">"#),
+            "{xml}"
+        );
     }
 }

@@ -3,12 +3,13 @@
 //! This module is the model, loading and validation: every problem is reported with the file's
 //! line:column and what was expected, before anything touches a broker. `runner` executes a
 //! loaded playbook through the same `ops` functions the subcommands call; `journal` records
-//! finished steps for `--resume`; `junit` and `report` write the run's outcome.
+//! finished steps and `resume` decides what `--resume` does with them; `junit` and `report` write the run's outcome.
 
 pub mod condition;
 pub mod journal;
 pub mod junit;
 pub mod report;
+pub mod resume;
 pub mod runner;
 pub mod source;
 
@@ -130,17 +131,6 @@ impl Operation {
         }
     }
 
-    /// Steps that change a broker or the world; `--resume` does not repeat them blindly.
-    pub fn mutating(&self) -> bool {
-        !matches!(
-            self,
-            Operation::Inspect(_)
-                | Operation::Watch(_)
-                | Operation::Wait(_)
-                | Operation::Approve(_)
-        )
-    }
-
     /// The queue or topic the step works on, if it names one.
     pub fn subject(&self) -> Option<(&str, Option<&str>)> {
         match self {
@@ -152,6 +142,20 @@ impl Operation {
             Operation::Restore(spec) => Some((&spec.name, spec.temp.as_deref())),
             Operation::Wait(spec) => Some((&spec.name, spec.temp.as_deref())),
             _ => None,
+        }
+    }
+
+    /// Kafka: the consumer group and the temporary group the step names, if any.
+    pub fn groups(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Operation::Inspect(spec) => (spec.group.as_deref(), None),
+            Operation::StopConsumers(spec) => (spec.group.as_deref(), None),
+            Operation::Expand(spec) => (spec.group.as_deref(), None),
+            Operation::Forward(step) => (step.spec.group.as_deref(), None),
+            Operation::Watch(spec) => (spec.group.as_deref(), spec.temp_group.as_deref()),
+            Operation::Restore(spec) => (spec.group.as_deref(), spec.temp_group.as_deref()),
+            Operation::Wait(spec) => (spec.group.as_deref(), spec.temp_group.as_deref()),
+            _ => (None, None),
         }
     }
 }
@@ -405,6 +409,20 @@ impl Playbook {
         Some((name, temp))
     }
 
+    /// Kafka: the group and the temporary group the steps name for the queue/topic `name` (the
+    /// first of each), so that the report can watch the same lag the steps work on.
+    pub fn groups_of(&self, name: &str) -> (Option<&str>, Option<&str>) {
+        let mut found = (None, None);
+        for step in &self.steps {
+            if step.operation.subject().map(|(subject, _)| subject) != Some(name) {
+                continue;
+            }
+            let (group, temp_group) = step.operation.groups();
+            found = (found.0.or(group), found.1.or(temp_group));
+        }
+        found
+    }
+
     /// Every step, then every on_failure step.
     pub fn all_steps(&self) -> impl Iterator<Item = &Step> {
         self.steps.iter().chain(self.on_failure.iter())
@@ -503,12 +521,21 @@ impl Loader<'_> {
             }
         }
         self.load_vars(top.get("vars"), overrides);
+        // A missing key has no place of its own: point at the mapping it belongs in (past any
+        // leading comments).
+        let top_pos = top
+            .keys()
+            .next()
+            .and_then(scalar_text)
+            .map_or(Pos { line: 1, column: 1 }, |first| {
+                self.positions.key(&first)
+            });
         let name = match top.get("name") {
             Some(value) => self.string("name", value),
             None => {
                 self.error_at(
-                    Pos { line: 1, column: 1 },
-                    "missing required field `name`: give the playbook a name, e.g. `name: drain orders`",
+                    top_pos,
+                    "missing required field `name` in the playbook's top-level mapping (it starts here): give the playbook a name, e.g. `name: drain orders`",
                 );
                 None
             }
@@ -521,8 +548,8 @@ impl Loader<'_> {
             Some(value) => self.steps("steps", value),
             None => {
                 self.error_at(
-                    Pos { line: 1, column: 1 },
-                    "missing required field `steps`: a list of steps, e.g. `steps: [{inspect: {name: orders}}]`",
+                    top_pos,
+                    "missing required field `steps` in the playbook's top-level mapping (it starts here): a list of steps, e.g. `steps: [{inspect: {name: orders}}]`",
                 );
                 Vec::new()
             }
@@ -627,11 +654,11 @@ impl Loader<'_> {
         let Some(line) = self.text.lines().nth(pos.line.saturating_sub(1)) else {
             return pos;
         };
-        let from = pos.column.saturating_sub(1).min(line.len());
+        let from = source::byte_offset(line, pos.column);
         match line.get(from..).and_then(|rest| rest.find(reference)) {
             Some(found) => Pos {
                 line: pos.line,
-                column: from + found + 1,
+                column: source::char_column(line, from + found),
             },
             None => pos,
         }
@@ -915,6 +942,7 @@ impl Loader<'_> {
         };
         Some(match op {
             "inspect" => {
+                let mut unknown = Vec::new();
                 if let Value::Mapping(map) = &resolved {
                     for key in map.keys() {
                         let key = scalar_text(key).unwrap_or_default();
@@ -929,11 +957,21 @@ impl Loader<'_> {
                                     INSPECT_KEYS.join(", ")
                                 ),
                             );
-                            return None;
+                            unknown.push(key);
                         }
                     }
                 }
-                Operation::Inspect(self.typed(op, path, &resolved)?)
+                // The other options are still checked.
+                if let Value::Mapping(map) = &mut resolved {
+                    for key in &unknown {
+                        map.remove(key.as_str());
+                    }
+                }
+                let spec = self.typed(op, path, &resolved)?;
+                if !unknown.is_empty() {
+                    return None;
+                }
+                Operation::Inspect(spec)
             }
             "stop-consumers" => Operation::StopConsumers(self.typed(op, path, &resolved)?),
             "expand" => {
@@ -944,11 +982,11 @@ impl Loader<'_> {
                 Operation::Expand(spec)
             }
             "forward" => {
-                let mut background = false;
+                let mut background = Some(false);
                 if let Value::Mapping(map) = &mut resolved {
                     if let Some(flag) = map.remove("background") {
                         match flag {
-                            Value::Bool(flag) => background = flag,
+                            Value::Bool(flag) => background = Some(flag),
                             other => {
                                 self.value_error(
                                     &join(path, "background"),
@@ -957,12 +995,14 @@ impl Loader<'_> {
                                         describe(&other)
                                     ),
                                 );
-                                return None;
+                                background = None;
                             }
                         }
                     }
                 }
+                // The other options are checked even when `background` was wrong.
                 let spec: ForwardSpec = self.typed(op, path, &resolved)?;
+                let background = background?;
                 if let Err(error) = crate::broker::rabbitmq::drain::validate_window(&spec) {
                     self.error_at(self.positions.key(path), error.to_string());
                 }
@@ -1018,77 +1058,115 @@ impl Loader<'_> {
     /// Deserializes options into a spec type through YAML text, so plain scalars convert by the
     /// target type (`8` is a number for `factor` and a string for `name`) and the error's line
     /// in that text tells which option was wrong.
+    /// serde stops at the first problem, so each option it blames is reported, taken out, and
+    /// the rest deserialized again: every bad option of a step is reported in one go.
     fn typed<T: DeserializeOwned>(&mut self, op: &str, path: &str, value: &Value) -> Option<T> {
-        let text = match serde_yaml::to_string(value) {
-            Ok(text) => text,
-            Err(error) => {
-                self.key_error(path, format!("cannot read the `{op}` options: {error}"));
+        let mut value = value.clone();
+        let mut reported: Vec<String> = Vec::new();
+        loop {
+            let text = match serde_yaml::to_string(&value) {
+                Ok(text) => text,
+                Err(error) => {
+                    self.key_error(path, format!("cannot read the `{op}` options: {error}"));
+                    return None;
+                }
+            };
+            let error = match serde_yaml::from_str::<T>(&text) {
+                // Options were taken out: the spec is not what the file says.
+                Ok(spec) => return reported.is_empty().then_some(spec),
+                Err(error) => error,
+            };
+            // An error of a custom deserializer (a duration) names no option: the culprit is the
+            // first option whose removal changes the error (serde stops at the first bad value
+            // and checks for missing options only at the end).
+            let culprit = || {
+                let Value::Mapping(map) = &value else {
+                    return None;
+                };
+                map.keys().filter_map(scalar_text).find(|key| {
+                    let mut without = map.clone();
+                    without.remove(key.as_str());
+                    let again = serde_yaml::to_string(&without).ok().map(|text| {
+                        serde_yaml::from_str::<T>(&text)
+                            .err()
+                            .map(|e| e.to_string())
+                    });
+                    again != Some(Some(error.to_string()))
+                })
+            };
+            let option = self.option_error(op, path, &error, &reported, culprit)?;
+            let taken = match &mut value {
+                Value::Mapping(map) => map.remove(option.as_str()).is_some(),
+                _ => false,
+            };
+            if !taken {
                 return None;
             }
-        };
-        match serde_yaml::from_str::<T>(&text) {
-            Ok(spec) => Some(spec),
-            Err(error) => {
-                let message = error.to_string();
-                let message = message
-                    .rsplit_once(" at line ")
-                    .map_or(message.as_str(), |(text, _)| text)
-                    .to_string();
-                // serde_yaml prefixes the option path ("factor: invalid type ...").
-                let (field, detail) = match message.split_once(": ") {
-                    Some((field, detail))
-                        if !field.contains(' ') && !field.is_empty() && field != "." =>
-                    {
-                        (Some(field.to_string()), detail.to_string())
-                    }
-                    _ => (None, message.clone()),
-                };
-                let field = field.or_else(|| {
-                    // Fall back to the top-level option on the error's line of our own text.
-                    let line = error.location()?.line();
-                    let lines: Vec<&str> = text.lines().collect();
-                    lines[..line.min(lines.len())]
-                        .iter()
-                        .rev()
-                        .find(|line| !line.starts_with(' ') && !line.starts_with('-'))
-                        .and_then(|line| line.split_once(':'))
-                        .map(|(key, _)| key.trim().to_string())
-                });
-                if let Some(unknown) = backticked(&detail, "unknown field `") {
-                    let expected = detail
-                        .split_once(", expected ")
-                        .map(|(_, expected)| expected.to_string())
-                        .unwrap_or_default();
-                    let suggestion = closest(&unknown, &all_backticked(&expected))
-                        .map(|option| format!(" (did you mean `{option}`?)"))
-                        .unwrap_or_default();
-                    self.key_error(
-                        &join(path, &unknown),
-                        format!("unknown option `{unknown}` for `{op}`{suggestion}: expected {expected}"),
-                    );
-                } else if let Some(missing) = backticked(&detail, "missing field `") {
-                    self.key_error(
-                        path,
-                        format!("missing required option `{missing}` for `{op}`"),
-                    );
-                } else if let Some(field) = field {
-                    let top = field
-                        .split(['.', '['])
-                        .next()
-                        .unwrap_or(field.as_str())
-                        .to_string();
-                    self.value_error(
-                        &join(path, &field),
-                        format!(
-                            "wrong value for `{op}` option `{top}`: {}",
-                            plain_types(&detail)
-                        ),
-                    );
-                } else {
-                    self.key_error(path, format!("invalid `{op}` options: {detail}"));
-                }
-                None
+            reported.push(option);
+        }
+    }
+
+    /// Reports one deserialization error of `op`'s options (serialized as `text`) and returns
+    /// the top-level option it blames, or `None` when there is nothing to take out.
+    fn option_error(
+        &mut self,
+        op: &str,
+        path: &str,
+        error: &serde_yaml::Error,
+        reported: &[String],
+        culprit: impl FnOnce() -> Option<String>,
+    ) -> Option<String> {
+        let message = error.to_string();
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(text, _)| text)
+            .to_string();
+        // serde_yaml prefixes the option path ("factor: invalid type ...").
+        let (field, detail) = match message.split_once(": ") {
+            Some((field, detail)) if !field.contains(' ') && !field.is_empty() && field != "." => {
+                (Some(field.to_string()), detail.to_string())
             }
+            _ => (None, message.clone()),
+        };
+        if let Some(unknown) = backticked(&detail, "unknown field `") {
+            let expected = detail
+                .split_once(", expected ")
+                .map(|(_, expected)| expected.to_string())
+                .unwrap_or_default();
+            let suggestion = closest(&unknown, &all_backticked(&expected))
+                .map(|option| format!(" (did you mean `{option}`?)"))
+                .unwrap_or_default();
+            self.key_error(
+                &join(path, &unknown),
+                format!("unknown option `{unknown}` for `{op}`{suggestion}: expected {expected}"),
+            );
+            Some(unknown)
+        } else if let Some(missing) = backticked(&detail, "missing field `") {
+            // Missing because it was taken out after its own error: already said.
+            if !reported.contains(&missing) {
+                self.key_error(
+                    path,
+                    format!("missing required option `{missing}` for `{op}`"),
+                );
+            }
+            None
+        } else if let Some(field) = field.or_else(culprit) {
+            let top = field
+                .split(['.', '['])
+                .next()
+                .unwrap_or(field.as_str())
+                .to_string();
+            self.value_error(
+                &join(path, &field),
+                format!(
+                    "wrong value for `{op}` option `{top}`: {}",
+                    plain_types(&detail)
+                ),
+            );
+            Some(top)
+        } else {
+            self.key_error(path, format!("invalid `{op}` options: {detail}"));
+            None
         }
     }
 

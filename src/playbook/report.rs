@@ -1,6 +1,6 @@
 //! The post-incident report (`--report`): a Markdown timeline of the run, backlog figures before
-//! and after, forwarding counts and rates, and an SVG chart of depth over time drawn from the
-//! depth samples a `Collector` gathered while the run went on.
+//! and after, forwarding counts and rates, and an SVG chart of depth (Kafka: lag) over time drawn
+//! from the samples a `Collector` gathered while the run went on.
 
 use super::runner::{RunOutcome, StepRecord};
 use crate::ops::inspect::human_secs;
@@ -169,12 +169,14 @@ pub fn svg(outcome: &RunOutcome, points: &[DepthPoint], source: Option<&str>) ->
     );
     let _ = writeln!(
         out,
-        r#"<title>Depth over time: {}</title><rect width="100%" height="100%" fill="white"/>"#,
+        r#"<title>{} over time: {}</title><rect width="100%" height="100%" fill="white"/>"#,
+        capitalized(outcome.measure),
         xml(&outcome.name)
     );
     let _ = writeln!(
         out,
-        r#"<text x="{left}" y="20" font-size="14" font-weight="bold">Depth over time (messages)</text>"#
+        r#"<text x="{left}" y="20" font-size="14" font-weight="bold">{} over time (messages)</text>"#,
+        capitalized(outcome.measure)
     );
     for tick in 0..=5 {
         let value = max_depth * tick / 5;
@@ -258,17 +260,27 @@ pub fn svg(outcome: &RunOutcome, points: &[DepthPoint], source: Option<&str>) ->
     if all.is_empty() {
         let _ = writeln!(
             out,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#777">no depth samples were taken</text>"##,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#777">no {} samples were taken</text>"##,
             left + plot_w / 2.0,
-            top + plot_h / 2.0
+            top + plot_h / 2.0,
+            outcome.measure
         );
     }
     out.push_str("</svg>\n");
     out
 }
 
-fn depth_from(record: &StepRecord) -> Option<u64> {
-    record.result.as_ref()?.get("depth")?.as_u64()
+/// What an inspect step measured, in `measure` (its report's `depth` or `lag`).
+fn measured(record: &StepRecord, measure: &str) -> Option<u64> {
+    record.result.as_ref()?.get(measure)?.as_u64()
+}
+
+fn capitalized(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 /// The Markdown report. `svg_link` names the chart file written next to the report.
@@ -314,9 +326,13 @@ pub fn markdown(
     let _ = writeln!(out, "\n## Backlog before and after\n");
     let all = series(points, source);
     if all.is_empty() {
-        let _ = writeln!(out, "No depth samples were taken during the run.");
+        let _ = writeln!(
+            out,
+            "No {} samples were taken during the run.",
+            outcome.measure
+        );
     } else {
-        // "Before" is the depth when the drain began changing things (the first stop-consumers,
+        // "Before" is the depth (lag) when the drain began changing things (the first stop-consumers,
         // expand or forward), not the first sample: a demo may seed its backlog after that.
         let drain_start = outcome
             .steps
@@ -325,7 +341,8 @@ pub fn markdown(
             .find_map(|record| record.started_at);
         let _ = writeln!(
             out,
-            "| Queue / topic | Before the drain | Peak | After |\n|---|---:|---:|---:|"
+            "| Queue / topic ({}) | Before the drain | Peak | After |\n|---|---:|---:|---:|",
+            outcome.measure
         );
         for (name, list) in &all {
             let first = drain_start
@@ -353,10 +370,11 @@ pub fn markdown(
         .filter(|record| record.operation == "inspect")
         .filter_map(|record| {
             Some(format!(
-                "step {} ({}): depth {} at {}",
+                "step {} ({}): {} {} at {}",
                 record.index + 1,
                 record.name,
-                depth_from(record)?,
+                outcome.measure,
+                measured(record, outcome.measure)?,
                 utc(record.finished_at?)
             ))
         })
@@ -408,12 +426,30 @@ pub fn markdown(
         timeline(&mut out, &outcome.on_failure);
     }
 
-    let _ = writeln!(out, "\n## Depth over time\n");
+    let title = format!("{} over time", capitalized(outcome.measure));
+    let _ = writeln!(out, "\n## {title}\n");
     if let Some(link) = svg_link {
-        let _ = writeln!(out, "![Depth over time]({link})\n");
+        let _ = writeln!(out, "![{title}]({link})\n");
     }
     // Inline too, so the report is complete on its own (viewers that render HTML show it).
     out.push_str(&svg(outcome, points, source));
+    out
+}
+
+/// The report of a run that ended before its first step (invalid playbook, a journal that
+/// cannot be resumed, approvals without a terminal): what was refused and why.
+pub fn markdown_error(name: &str, playbook: &str, message: &str, exit_code: u8, at: f64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Post-incident report: {name}\n");
+    let _ = writeln!(out, "| | |\n|---|---|");
+    let _ = writeln!(out, "| Playbook | `{}` |", cell(playbook));
+    let _ = writeln!(out, "| Started | {} |", utc(at));
+    let _ = writeln!(
+        out,
+        "| Result | not started (exit {exit_code}): {} |",
+        cell(message)
+    );
+    let _ = writeln!(out, "\nNo step ran, nothing was changed.");
     out
 }
 
@@ -441,7 +477,7 @@ fn timeline(out: &mut String, records: &[StepRecord]) {
                 .duration_secs()
                 .map(|secs| format!("{secs:.1}s"))
                 .unwrap_or_default(),
-            record.outcome.word(),
+            record.outcome_text(),
             cell(&notes.join("; "))
         );
     }

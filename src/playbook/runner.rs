@@ -4,8 +4,9 @@
 //! events and the caller renders the returned `RunOutcome`.
 
 use super::condition::{all_hold, Snapshot};
-use super::journal::{self, Entry, Journal, RunStatus};
+use super::journal::{self, Entry, Journal, RunStatus, StepPrint};
 use super::report::Collector;
+use super::resume::{self, ResumePlan};
 use super::{ApproveSpec, ExecSpec, Operation, Playbook, Step, StopForwardSpec, WaitSpec};
 use crate::endpoint::Target;
 use crate::error::{exit, Error, Result};
@@ -14,6 +15,7 @@ use crate::ops::drain::{self, ForwardOutcome, WatchSample, WatchSpec};
 use crate::ops::exec;
 use crate::ops::forward_loop::LoopOutcome;
 use crate::ops::inspect::{self, InspectReport, InspectSpec};
+pub use crate::progress::StepOutcome;
 use crate::progress::{Event, Level, Progress, ProgressSink};
 use serde::Serialize;
 use std::future::Future;
@@ -45,53 +47,6 @@ pub struct RunOptions {
 /// Asks the operator a yes/no question (the UI's prompt); runs on a blocking thread.
 pub type Approver = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StepOutcome {
-    Ok,
-    /// Failed, but the step has `continue_on_error: true`.
-    FailedContinued,
-    Failed,
-    TimedOut,
-    Cancelled,
-    /// Not run again by `--resume`: it finished in an earlier run.
-    Skipped,
-    /// Never reached: an earlier step failed.
-    NotRun,
-    /// `--dry-run`: what would happen was computed.
-    Planned,
-    /// `--dry-run`: computing the plan failed (often because an earlier step would create what
-    /// this one needs).
-    PlanFailed,
-}
-
-impl StepOutcome {
-    pub fn word(self) -> &'static str {
-        match self {
-            StepOutcome::Ok => "ok",
-            StepOutcome::FailedContinued => "failed (continued)",
-            StepOutcome::Failed => "failed",
-            StepOutcome::TimedOut => "timed out",
-            StepOutcome::Cancelled => "cancelled",
-            StepOutcome::Skipped => "skipped",
-            StepOutcome::NotRun => "not run",
-            StepOutcome::Planned => "planned",
-            StepOutcome::PlanFailed => "plan failed",
-        }
-    }
-
-    pub fn is_failure(self) -> bool {
-        matches!(
-            self,
-            StepOutcome::Failed
-                | StepOutcome::TimedOut
-                | StepOutcome::Cancelled
-                | StepOutcome::FailedContinued
-                | StepOutcome::PlanFailed
-        )
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRecord {
     pub index: usize,
@@ -112,11 +67,22 @@ pub struct StepRecord {
     pub result: Option<serde_json::Value>,
     /// Forward steps: the forwarding loop's counters.
     pub forwarded: Option<LoopOutcome>,
+    /// Which bounded wait ran out (`gate timeout`, `step timeout`, `exec timeout`, ...): they
+    /// all exit 5, so the summary and the JUnit failure say which.
+    pub timed_out: Option<String>,
 }
 
 impl StepRecord {
     pub fn duration_secs(&self) -> Option<f64> {
         Some(self.finished_at? - self.started_at?)
+    }
+
+    /// The outcome in words, naming the wait that ran out for a timeout.
+    pub fn outcome_text(&self) -> String {
+        match &self.timed_out {
+            Some(which) => format!("{} ({which})", self.outcome.word()),
+            None => self.outcome.word().to_string(),
+        }
     }
 }
 
@@ -126,6 +92,9 @@ pub struct RunOutcome {
     pub description: Option<String>,
     pub playbook: String,
     pub broker: String,
+    /// What the backlog figures are: `depth` (RabbitMQ: ready + unacked) or `lag` (Kafka: the
+    /// group's lag).
+    pub measure: &'static str,
     pub dry_run: bool,
     pub resumed: bool,
     pub started_at: f64,
@@ -148,6 +117,13 @@ impl RunOutcome {
             exit::USAGE => Error::usage(message),
             _ => Error::Broker(message),
         })
+    }
+}
+
+fn measure(target: &Target) -> &'static str {
+    match target {
+        Target::Rabbit(_) => "depth",
+        Target::Kafka(_) => "lag",
     }
 }
 
@@ -179,13 +155,6 @@ struct Background {
     scope: Arc<StepScope>,
 }
 
-enum ResumePlan {
-    Run,
-    /// Re-check what the finished step established without repeating its action.
-    Verify,
-    Skip(String),
-}
-
 /// Runs `playbook` against `target`. Errors before the first step (a journal that does not
 /// match, an approval that cannot be asked) come back as `Err`; a failing step comes back as a
 /// `RunOutcome` whose `error()` carries the exit code.
@@ -198,11 +167,7 @@ pub async fn run(
     cancel: &CancellationToken,
     approver: Approver,
 ) -> Result<RunOutcome> {
-    let fingerprint: Vec<String> = playbook
-        .steps
-        .iter()
-        .map(|step| format!("{} {}", step.operation.key(), step.name))
-        .collect();
+    let fingerprint: Vec<StepPrint> = playbook.steps.iter().map(StepPrint::of).collect();
     let needs_approval = playbook
         .all_steps()
         .any(|step| matches!(step.operation, Operation::Approve(_)));
@@ -218,20 +183,13 @@ pub async fn run(
         Journal::load(&options.state_path)?
     };
     if let Some(previous) = &previous {
-        if options.resume && previous.fingerprint != fingerprint {
-            let changed = previous
-                .fingerprint
-                .iter()
-                .zip(fingerprint.iter())
-                .position(|(before, now)| before != now)
-                .unwrap_or(previous.fingerprint.len().min(fingerprint.len()));
-            return Err(Error::usage(format!(
-                "cannot resume: the playbook's steps changed since the journal {} was written (step {} was `{}`, now `{}`); delete the journal to start over",
-                options.state_path.display(),
-                changed + 1,
-                previous.fingerprint.get(changed).map_or("(none)", String::as_str),
-                fingerprint.get(changed).map_or("(none)", String::as_str),
-            )));
+        if options.resume {
+            for note in previous.resumable(&fingerprint, &options.state_path)? {
+                progress.emit(Event::Notice {
+                    level: Level::Info,
+                    message: note,
+                });
+            }
         }
         if !options.resume && previous.status != RunStatus::Succeeded {
             let last = previous
@@ -243,7 +201,7 @@ pub async fn run(
                         " (last step recorded: {} '{}', {})",
                         entry.index + 1,
                         entry.name,
-                        entry.outcome
+                        entry.outcome.word()
                     )
                 })
                 .unwrap_or_default();
@@ -263,6 +221,30 @@ pub async fn run(
         });
     }
     let started_at = now();
+    let previous = previous.filter(|_| options.resume);
+    let plans = match &previous {
+        Some(previous) if previous.status == RunStatus::Succeeded => {
+            progress.emit(Event::Notice {
+                level: Level::Info,
+                message: format!(
+                    "nothing to resume: the run recorded in {} succeeded; delete the journal (or leave out --resume) to run the playbook again",
+                    options.state_path.display()
+                ),
+            });
+            return Ok(already_succeeded(playbook, target, options, started_at));
+        }
+        Some(previous) => {
+            let (plans, warnings) = resume::plan(playbook, &|index| previous.finished(index));
+            for warning in warnings {
+                progress.emit(Event::Notice {
+                    level: Level::Warn,
+                    message: warning,
+                });
+            }
+            plans
+        }
+        None => Vec::new(),
+    };
     let journal = (!options.dry_run).then(|| Journal {
         version: journal::VERSION,
         playbook: playbook.path.display().to_string(),
@@ -273,7 +255,6 @@ pub async fn run(
         updated_at: started_at,
         steps: previous
             .as_ref()
-            .filter(|_| options.resume)
             .map(|previous| previous.steps.clone())
             .unwrap_or_default(),
     });
@@ -284,7 +265,7 @@ pub async fn run(
         progress: progress.clone(),
         approver,
         journal,
-        previous: previous.filter(|_| options.resume),
+        plans,
         background: Vec::new(),
         steps: Vec::new(),
         on_failure: Vec::new(),
@@ -329,11 +310,11 @@ pub async fn run(
     if let Some(sampler) = sampler {
         sampler.abort();
     }
-    let (exit_code, error) = match &failure {
+    let (mut exit_code, mut error) = match &failure {
         Some((code, message)) => (*code, Some(message.clone())),
         None => (exit::OK, None),
     };
-    let status = match exit_code {
+    let mut status = match exit_code {
         exit::OK => RunStatus::Succeeded,
         exit::CANCELLED => RunStatus::Cancelled,
         _ => RunStatus::Failed,
@@ -343,14 +324,31 @@ pub async fn run(
         journal.updated_at = now();
         options.state_path.display().to_string()
     });
-    if let Some(journal) = &runner.journal {
-        journal.save(&options.state_path)?;
+    // The steps ran: an unwritable journal must not cost their outcome (nor the JUnit file and
+    // report made from it), but the run cannot count as a success either.
+    if let Some(Err(save)) = runner
+        .journal
+        .as_ref()
+        .map(|journal| journal.save(&options.state_path))
+    {
+        let note = format!(
+            "{save}; the journal on disk does not show how this run ended, so delete it before running the playbook again"
+        );
+        match &mut error {
+            Some(message) => message.push_str(&format!("; also: {note}")),
+            None => {
+                error = Some(note);
+                exit_code = exit::FAILED;
+                status = RunStatus::Failed;
+            }
+        }
     }
     Ok(RunOutcome {
         name: playbook.name.clone(),
         description: playbook.description.clone(),
         playbook: playbook.path.display().to_string(),
         broker: target.redacted(),
+        measure: measure(target),
         dry_run: options.dry_run,
         resumed: options.resume,
         started_at,
@@ -364,10 +362,48 @@ pub async fn run(
     })
 }
 
-/// The queue/topic a playbook drains and its temporary prefix, for the chart's sampler.
+/// `--resume` of a run that already succeeded: every step is skipped, nothing is touched.
+fn already_succeeded(
+    playbook: &Playbook,
+    target: &Target,
+    options: &RunOptions,
+    started_at: f64,
+) -> RunOutcome {
+    let steps = playbook
+        .steps
+        .iter()
+        .map(|step| {
+            let mut record = record_for(step, "steps");
+            record.outcome = StepOutcome::Skipped;
+            record.message = Some("the earlier run succeeded".into());
+            record
+        })
+        .collect();
+    RunOutcome {
+        name: playbook.name.clone(),
+        description: playbook.description.clone(),
+        playbook: playbook.path.display().to_string(),
+        broker: target.redacted(),
+        measure: measure(target),
+        dry_run: false,
+        resumed: true,
+        started_at,
+        finished_at: now(),
+        status: RunStatus::Succeeded,
+        exit_code: exit::OK,
+        error: None,
+        steps,
+        on_failure: Vec::new(),
+        state_file: Some(options.state_path.display().to_string()),
+    }
+}
+
+/// The queue/topic a playbook drains, its temporary prefix and (Kafka) groups, for the chart's
+/// sampler.
 fn subject(playbook: &Playbook) -> Option<WatchSpec> {
     let (name, temp) = playbook.source()?;
-    Some(watch_spec(name, None, None, temp))
+    let (group, temp_group) = playbook.groups_of(name);
+    Some(watch_spec(name, group, temp_group, temp))
 }
 
 fn watch_spec(
@@ -387,7 +423,7 @@ fn watch_spec(
     }
 }
 
-/// Samples depth for the chart only; errors (a queue not declared yet) just skip a sample.
+/// Samples depth (lag) for the chart only; a sample that cannot be taken is skipped.
 fn spawn_sampler(
     target: Target,
     spec: WatchSpec,
@@ -397,10 +433,37 @@ fn spawn_sampler(
     tokio::spawn(async move {
         let sink: Progress = Arc::new(RecordOnly(collector));
         loop {
-            let _ = sample_once(&target, &spec, &sink).await;
+            if sample_once(&target, &spec, &sink).await.is_err() {
+                // A Kafka watch needs the temporary topic, which exists only between expand and
+                // restore; the source's lag before and after still belongs on the chart.
+                source_sample(&target, &spec, &sink).await;
+            }
             tokio::time::sleep(every).await;
         }
     })
+}
+
+/// The source's depth (lag) alone, from the code `mqdrain inspect` runs.
+async fn source_sample(target: &Target, spec: &WatchSpec, sink: &Progress) {
+    let inspect = InspectSpec {
+        name: spec.name.clone(),
+        group: spec.group.clone(),
+        sample: Duration::ZERO,
+    };
+    let Ok(report) = inspect::execute(target, &inspect, &crate::progress::silent()).await else {
+        return;
+    };
+    let depth = match report {
+        InspectReport::Rabbit(queue) => queue.depth,
+        InspectReport::Kafka(topic) => topic.lag,
+    };
+    sink.emit(Event::Backlog {
+        name: spec.name.clone(),
+        depth,
+        in_rate: None,
+        out_rate: None,
+        eta_secs: None,
+    });
 }
 
 /// Feeds the collector without showing anything.
@@ -510,7 +573,8 @@ struct Runner<'a> {
     progress: Progress,
     approver: Approver,
     journal: Option<Journal>,
-    previous: Option<Journal>,
+    /// `--resume`: what to do with each main step; empty otherwise.
+    plans: Vec<ResumePlan>,
     background: Vec<Background>,
     steps: Vec<StepRecord>,
     on_failure: Vec<StepRecord>,
@@ -535,6 +599,19 @@ fn record_for(step: &Step, list: &'static str) -> StepRecord {
             .unwrap_or_default(),
         result: None,
         forwarded: None,
+        timed_out: None,
+    }
+}
+
+/// Names the bounded wait that ran out in `step`.
+fn timeout_kind(step: &Step, own_timeout: bool) -> String {
+    if own_timeout {
+        return "step timeout".into();
+    }
+    match &step.operation {
+        Operation::Wait(_) => "gate timeout".into(),
+        Operation::Exec(_) => "exec timeout".into(),
+        other => format!("{} wait", other.key()),
     }
 }
 
@@ -563,10 +640,7 @@ impl Runner<'_> {
             index: record.index,
             name: record.name.clone(),
             operation: record.operation.to_string(),
-            outcome: match record.outcome {
-                StepOutcome::Skipped => "ok".to_string(),
-                other => other.word().replace(' ', "_"),
-            },
+            outcome: record.outcome,
             started_at: record.started_at.unwrap_or_default(),
             finished_at: record.finished_at.unwrap_or_default(),
             message: record.message.clone(),
@@ -576,58 +650,7 @@ impl Runner<'_> {
         }
     }
 
-    fn resume_plan(&self, step: &Step) -> ResumePlan {
-        let Some(previous) = &self.previous else {
-            return ResumePlan::Run;
-        };
-        let finished = |index: usize| {
-            previous
-                .entry(index)
-                .is_some_and(|entry| entry.outcome == "ok")
-        };
-        if !finished(step.index) {
-            return ResumePlan::Run;
-        }
-        match &step.operation {
-            // Read-only steps re-verify the state the next steps depend on.
-            Operation::Inspect(_)
-            | Operation::Watch(_)
-            | Operation::Wait(_)
-            | Operation::Approve(_) => ResumePlan::Run,
-            // Idempotent: a rerun with the same factor checks the temporary queues exist.
-            Operation::Expand(_) => ResumePlan::Run,
-            Operation::StopConsumers(_) => ResumePlan::Verify,
-            Operation::Forward(forward) if forward.background => {
-                // The forwarder died with the earlier run unless its stop-forward finished: then
-                // it is restarted (it only moves what is still in the source).
-                let stopped = self.playbook.steps.iter().any(|later| {
-                    later.index > step.index
-                        && finished(later.index)
-                        && matches!(&later.operation, Operation::StopForward(spec) if stops(spec, &step.name, self.playbook))
-                });
-                if stopped {
-                    ResumePlan::Skip(
-                        "finished in an earlier run; a forward is never repeated".into(),
-                    )
-                } else {
-                    ResumePlan::Run
-                }
-            }
-            Operation::Forward(_) => {
-                ResumePlan::Skip("finished in an earlier run; a forward is never repeated".into())
-            }
-            // A second replay would send what died again since: a new decision, not a resume.
-            Operation::DlqReplay(_) => {
-                ResumePlan::Skip("finished in an earlier run; a replay is never repeated".into())
-            }
-            Operation::StopForward(_) | Operation::Restore(_) | Operation::Exec(_) => {
-                ResumePlan::Skip("finished in an earlier run".into())
-            }
-        }
-    }
-
     async fn main_steps(&mut self, cancel: &CancellationToken) -> Option<(u8, String)> {
-        let total = self.playbook.steps.len();
         let mut failure: Option<(u8, String)> = None;
         for step in &self.playbook.steps {
             let mut record = record_for(step, "steps");
@@ -642,6 +665,7 @@ impl Runner<'_> {
                     exit::CANCELLED,
                     format!("cancelled before step {} '{}'", step.index + 1, step.name),
                 ));
+                self.step_finished(&record);
                 self.steps.push(record);
                 continue;
             }
@@ -650,43 +674,27 @@ impl Runner<'_> {
                 self.steps.push(record);
                 continue;
             }
-            let plan = if self.options.resume && !self.options.dry_run {
-                self.resume_plan(step)
-            } else {
-                ResumePlan::Run
-            };
+            let plan = self
+                .plans
+                .get(step.index)
+                .cloned()
+                .unwrap_or(ResumePlan::Run);
             if let ResumePlan::Skip(reason) = &plan {
-                self.notice(
-                    Level::Info,
-                    format!(
-                        "step {}/{total} '{}': skipped, {reason}",
-                        step.index + 1,
-                        step.name
-                    ),
-                );
                 record.outcome = StepOutcome::Skipped;
                 record.message = Some(reason.clone());
+                self.step_finished(&record);
                 self.steps.push(record);
                 continue;
             }
-            self.notice(
-                Level::Info,
-                format!(
-                    "step {}/{total} '{}': {}{}",
-                    step.index + 1,
-                    step.name,
-                    step.operation.key(),
-                    if matches!(plan, ResumePlan::Verify) {
-                        " (resumed: verifying what it established)"
-                    } else {
-                        ""
-                    }
-                ),
-            );
+            let note = match &plan {
+                ResumePlan::Verify(why) => Some(format!("resumed: {why}")),
+                _ => None,
+            };
+            self.step_started(step, "steps", note);
             self.execute(
                 step,
                 &mut record,
-                matches!(plan, ResumePlan::Verify),
+                matches!(plan, ResumePlan::Verify(_)),
                 cancel,
             )
             .await;
@@ -695,26 +703,18 @@ impl Runner<'_> {
                     && matches!(record.outcome, StepOutcome::Failed | StepOutcome::TimedOut)
                 {
                     record.outcome = StepOutcome::FailedContinued;
-                    self.notice(
-                        Level::Warn,
-                        format!(
-                            "step {} '{}' failed, continuing (continue_on_error): {}",
-                            step.index + 1,
-                            step.name,
-                            record.message.clone().unwrap_or_default()
-                        ),
-                    );
                 } else if record.outcome != StepOutcome::FailedContinued {
                     let error = record.message.clone().unwrap_or_default();
                     failure = Some(match record.outcome {
                         StepOutcome::TimedOut => (
                             exit::TIMEOUT,
                             format!(
-                                "step {} '{}' ({}:{}) timed out: {error}",
+                                "step {} '{}' ({}:{}) timed out ({}): {error}",
                                 step.index + 1,
                                 step.name,
                                 self.playbook.path.display(),
-                                step.pos
+                                step.pos,
+                                record.timed_out.as_deref().unwrap_or("a bounded wait")
                             ),
                         ),
                         StepOutcome::Cancelled => (
@@ -734,26 +734,52 @@ impl Runner<'_> {
                     });
                 }
             }
+            self.step_finished(&record);
             self.save_journal(&record);
             self.steps.push(record);
         }
         failure
     }
 
+    fn step_started(&self, step: &Step, list: &'static str, note: Option<String>) {
+        self.progress.emit(Event::PlaybookStepStarted {
+            list,
+            index: step.index + 1,
+            total: self.total(list),
+            name: step.name.clone(),
+            operation: step.operation.key(),
+            note,
+        });
+    }
+
+    fn step_finished(&self, record: &StepRecord) {
+        self.progress.emit(Event::PlaybookStepFinished {
+            list: record.list,
+            index: record.index + 1,
+            total: self.total(record.list),
+            name: record.name.clone(),
+            operation: record.operation,
+            outcome: record.outcome,
+            duration_secs: record.duration_secs(),
+            message: record.message.clone(),
+            timed_out: record.timed_out.clone(),
+        });
+    }
+
+    fn total(&self, list: &str) -> usize {
+        if list == "steps" {
+            self.playbook.steps.len()
+        } else {
+            self.playbook.on_failure.len()
+        }
+    }
+
     async fn on_failure_steps(&mut self, cancel: &CancellationToken) {
         for step in &self.playbook.on_failure {
             let mut record = record_for(step, "on_failure");
-            self.notice(
-                Level::Info,
-                format!(
-                    "on_failure {}/{} '{}': {}",
-                    step.index + 1,
-                    self.playbook.on_failure.len(),
-                    step.name,
-                    step.operation.key()
-                ),
-            );
+            self.step_started(step, "on_failure", None);
             self.execute(step, &mut record, false, cancel).await;
+            self.step_finished(&record);
             self.on_failure.push(record);
         }
     }
@@ -767,23 +793,25 @@ impl Runner<'_> {
         cancel: &CancellationToken,
     ) {
         record.started_at = Some(now());
-        let started = Instant::now();
         let scope = StepScope::new(self.progress.clone());
         let progress: Progress = scope.clone();
         let work = self.operation(step, &progress, verify_only, cancel);
+        let mut own_timeout = false;
         let result = match step.timeout {
             Some(limit) => match tokio::time::timeout(limit, work).await {
                 Ok(result) => result,
-                Err(_) => Err(Error::Timeout(format!(
-                    "did not finish within its timeout of {}; raise the step's `timeout` or find out what it waits for",
-                    humantime::format_duration(limit)
-                ))),
+                Err(_) => {
+                    own_timeout = true;
+                    Err(Error::Timeout(format!(
+                        "did not finish within its timeout of {}; raise the step's `timeout` or find out what it waits for",
+                        humantime::format_duration(limit)
+                    )))
+                }
             },
             None => work.await,
         };
         scope.close();
         record.finished_at = Some(now());
-        let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(done) => {
                 record.outcome = if self.options.dry_run {
@@ -795,15 +823,6 @@ impl Runner<'_> {
                 record.message = done.message;
                 record.result = done.result;
                 record.forwarded = done.forwarded;
-                self.notice(
-                    Level::Info,
-                    format!(
-                        "step {} '{}': {} in {seconds:.1}s",
-                        step.index + 1,
-                        step.name,
-                        record.outcome.word()
-                    ),
-                );
             }
             Err(error) => {
                 record.outcome = if self.options.dry_run {
@@ -812,11 +831,14 @@ impl Runner<'_> {
                     outcome_of(&error)
                 };
                 record.message = Some(error.to_string());
+                if record.outcome == StepOutcome::TimedOut {
+                    record.timed_out = Some(timeout_kind(step, own_timeout));
+                }
                 if self.options.dry_run {
                     // The temporary queues/topic an earlier expand would create do not exist in
                     // a dry run: expected. Anything else is a real problem the run would hit.
-                    let expected = matches!(&error, Error::NotFound { kind, .. } if kind.starts_with("temporary"));
-                    if expected {
+                    if self.created_earlier(step, &error) {
+                        record.outcome = StepOutcome::PlanDeferred;
                         record.message = Some(format!(
                             "{error} (expected in a dry run: an earlier expand step creates it)"
                         ));
@@ -828,17 +850,31 @@ impl Runner<'_> {
                         ));
                     }
                 }
-                self.notice(
-                    Level::Warn,
-                    format!(
-                        "step {} '{}': {} after {seconds:.1}s: {error}",
-                        step.index + 1,
-                        step.name,
-                        record.outcome.word()
-                    ),
-                );
             }
         }
+    }
+
+    /// Whether `error` is about temporary topology that an expand before `step` creates.
+    fn created_earlier(&self, step: &Step, error: &Error) -> bool {
+        let Error::NotFound { name, .. } = error else {
+            return false;
+        };
+        self.playbook.steps[..step.index.min(self.playbook.steps.len())]
+            .iter()
+            .any(|earlier| match &earlier.operation {
+                Operation::Expand(expand) => {
+                    let temp = expand.temp.as_deref();
+                    name.starts_with(&match self.target {
+                        Target::Rabbit(_) => {
+                            crate::broker::rabbitmq::drain::temp_prefix(&expand.name, temp)
+                        }
+                        Target::Kafka(_) => {
+                            crate::broker::kafka::drain::temp_topic(&expand.name, temp)
+                        }
+                    })
+                }
+                _ => false,
+            })
     }
 
     async fn operation(
@@ -1379,20 +1415,6 @@ impl Runner<'_> {
             }
         }
         failure
-    }
-}
-
-fn stops(spec: &StopForwardSpec, forward: &str, playbook: &Playbook) -> bool {
-    match &spec.forward {
-        Some(name) => name == forward,
-        None => {
-            playbook
-                .steps
-                .iter()
-                .filter(|step| matches!(&step.operation, Operation::Forward(f) if f.background))
-                .count()
-                == 1
-        }
     }
 }
 

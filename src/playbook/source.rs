@@ -94,8 +94,32 @@ impl Positions {
                 Effect::Flow(depth) => flow_depth = depth,
             }
         }
-        scanner.positions
+        // The scanner measures bytes; editors and serde_yaml count characters.
+        let mut positions = scanner.positions;
+        let lines: Vec<&str> = text.lines().collect();
+        for pos in positions
+            .keys
+            .values_mut()
+            .chain(positions.values.values_mut())
+        {
+            if let Some(line) = lines.get(pos.line.saturating_sub(1)) {
+                pos.column = char_column(line, pos.column.saturating_sub(1));
+            }
+        }
+        positions
     }
+}
+
+/// The 1-based column, in characters, of the byte offset `byte` of `line`.
+pub fn char_column(line: &str, byte: usize) -> usize {
+    line.char_indices().take_while(|(at, _)| *at < byte).count() + 1
+}
+
+/// The byte offset of the 1-based character column `column` of `line`.
+pub fn byte_offset(line: &str, column: usize) -> usize {
+    line.char_indices()
+        .nth(column.saturating_sub(1))
+        .map_or(line.len(), |(at, _)| at)
 }
 
 fn parent(path: &str) -> Option<&str> {
@@ -566,6 +590,22 @@ on_failure:
                 column: 7
             }
         );
+    }
+
+    #[test]
+    fn columns_count_characters() {
+        let positions =
+            Positions::scan("name: \"dräin ✓\"\nsteps:\n- exec: {command: 'é', colour: x}\n");
+        assert_eq!(
+            positions.key("steps[0].exec.colour"),
+            // 25 in bytes: `é` is two.
+            Pos {
+                line: 3,
+                column: 24
+            }
+        );
+        assert_eq!(char_column("ä✓x", 5), 3);
+        assert_eq!(byte_offset("ä✓x", 3), 5);
     }
 
     #[test]

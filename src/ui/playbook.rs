@@ -106,14 +106,24 @@ async fn run_playbook(
     format: OutputFormat,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let playbook = playbook::load(&args.file, &args.vars, &playbook::process_env)?;
+    let started_at = runner::now();
+    let playbook = match playbook::load(&args.file, &args.vars, &playbook::process_env) {
+        Ok(playbook) => playbook,
+        Err(invalid) => {
+            let name = args.file.display().to_string();
+            return Err(not_started(args, &name, invalid.into(), started_at));
+        }
+    };
     let fallback = BrokerSpec {
         url: connection.url.clone(),
         management_url: connection.management_url.clone(),
         client_config: connection.client_config.clone(),
         ca_file: connection.ca_file.clone(),
     };
-    let target = playbook.target(&fallback)?;
+    let target = match playbook.target(&fallback) {
+        Ok(target) => target,
+        Err(error) => return Err(not_started(args, &playbook.name, error, started_at)),
+    };
     // exec steps can call this very binary against the same broker: `$MQDRAIN load ...`.
     let mut exec_env = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
@@ -144,7 +154,7 @@ async fn run_playbook(
         sample_every: args.report.as_ref().map(|_| args.sample_every),
     };
     let approver: Approver = Arc::new(prompt);
-    let outcome = runner::run(
+    let outcome = match runner::run(
         &playbook,
         &target,
         &options,
@@ -153,7 +163,11 @@ async fn run_playbook(
         cancel,
         approver,
     )
-    .await?;
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(error) => return Err(not_started(args, &playbook.name, error, started_at)),
+    };
     let mut write_error = None;
     if let Some(path) = &args.junit {
         if let Err(error) = write_file(path, &junit::render(&outcome)) {
@@ -196,6 +210,31 @@ async fn run_playbook(
     }
 }
 
+/// A run that ended before its first step still leaves the JUnit file and the report it was
+/// asked for, saying why; returns the error for the exit code.
+fn not_started(args: &RunArgs, name: &str, error: Error, started_at: f64) -> Error {
+    let message = error.to_string();
+    let written = [
+        args.junit.as_ref().map(|path| {
+            write_file(
+                path,
+                &junit::render_error(name, &message, error.exit_code(), started_at),
+            )
+        }),
+        args.report.as_ref().map(|path| {
+            let playbook = args.file.display().to_string();
+            write_file(
+                path,
+                &report::markdown_error(name, &playbook, &message, error.exit_code(), started_at),
+            )
+        }),
+    ];
+    for failed in written.into_iter().flatten().filter_map(Result::err) {
+        super::err_line(&format!("mqdrain: error: {failed}"));
+    }
+    error
+}
+
 fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|error| {
         Error::Broker(format!(
@@ -228,7 +267,7 @@ fn render_record(out: &mut String, record: &StepRecord, dry_run: bool) {
         record.index + 1,
         record.name,
         record.operation,
-        record.outcome.word(),
+        record.outcome_text(),
         record
             .duration_secs()
             .map(|secs| format!("{secs:.1}s"))

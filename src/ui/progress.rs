@@ -74,9 +74,81 @@ impl ProgressSink for PlainLines {
                 }
                 backlog_line(&name, depth, in_rate, out_rate, eta_secs)
             }
+            step @ (Event::PlaybookStepStarted { .. } | Event::PlaybookStepFinished { .. }) => {
+                match playbook_step_line(&step) {
+                    Some(line) => line,
+                    None => return,
+                }
+            }
         };
         super::err_line(&format!("{} {text}", utc_timestamp()));
     }
+}
+
+/// A playbook step starting or ending, as a note (or a warning when it failed).
+fn playbook_step_line(event: &Event) -> Option<String> {
+    let place = |list: &str, index: usize, total: usize, name: &str| {
+        let list = if list == "steps" { "step" } else { list };
+        format!("{list} {index}/{total} '{name}'")
+    };
+    Some(match event {
+        Event::PlaybookStepStarted {
+            list,
+            index,
+            total,
+            name,
+            operation,
+            note,
+        } => format!(
+            "{}: {}: {operation}{}",
+            level_word(Level::Info),
+            place(list, *index, *total, name),
+            note.as_ref()
+                .map(|note| format!(" ({note})"))
+                .unwrap_or_default()
+        ),
+        Event::PlaybookStepFinished {
+            list,
+            index,
+            total,
+            name,
+            outcome,
+            duration_secs,
+            message,
+            timed_out,
+            ..
+        } => {
+            let level = if outcome.is_failure() {
+                Level::Warn
+            } else {
+                Level::Info
+            };
+            let word = match timed_out {
+                Some(which) => format!("{} ({which})", outcome.word()),
+                None => outcome.word().to_string(),
+            };
+            let time = duration_secs
+                .map(|secs| {
+                    if outcome.is_failure() {
+                        format!(" after {secs:.1}s")
+                    } else {
+                        format!(" in {secs:.1}s")
+                    }
+                })
+                .unwrap_or_default();
+            let why = message
+                .as_ref()
+                .filter(|_| outcome.is_failure() || duration_secs.is_none())
+                .map(|message| format!(": {message}"))
+                .unwrap_or_default();
+            format!(
+                "{}: {}: {word}{time}{why}",
+                level_word(level),
+                place(list, *index, *total, name)
+            )
+        }
+        _ => return None,
+    })
 }
 
 fn backlog_line(
@@ -162,6 +234,11 @@ impl ProgressSink for Bars {
                 let _ = self
                     .multi
                     .println(format!("{}: {message}", level_word(level)));
+            }
+            step @ (Event::PlaybookStepStarted { .. } | Event::PlaybookStepFinished { .. }) => {
+                if let Some(line) = playbook_step_line(&step) {
+                    let _ = self.multi.println(line);
+                }
             }
             Event::StepFinished { .. } => {
                 if let Some(bar) = state.step.take() {
