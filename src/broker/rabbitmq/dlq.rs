@@ -3,7 +3,7 @@
 //! and the replay sink that routes each message to `--to` or the parking lot.
 
 use super::amqp::{self, channel_error, connection_error};
-use super::forwarding::{confirmation, QueueSource};
+use super::forwarding::{publish_confirmed, QueueSource};
 use super::management::Management;
 use crate::broker::{Confirmation, Route, Sink};
 use crate::endpoint::RabbitTarget;
@@ -19,8 +19,7 @@ use crate::progress::{Event, Level, Progress};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection};
@@ -358,21 +357,13 @@ impl Sink for ReplaySink {
         }
         // Every other property (delivery mode, ids, type, timestamp, ...) goes out unchanged.
         let properties = message.properties.clone().with_headers(headers);
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &message.data,
-                properties,
-            )
-            .await
-            .map_err(|error| channel_error(&self.target, queue, &error))?;
-        Ok(confirmation(confirm))
+        publish_confirmed(
+            &self.channel,
+            &self.target,
+            queue,
+            &message.data,
+            properties,
+        )
     }
 
     async fn close(self) -> Result<()> {

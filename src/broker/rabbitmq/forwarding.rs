@@ -11,8 +11,11 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 /// Headers recording where a forwarded message was first published.
@@ -83,11 +86,14 @@ impl QueueSource {
         })
     }
 
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
-        self.channel
-            .basic_ack(tag, BasicAckOptions { multiple })
-            .await
-            .map_err(|error| channel_error(&self.target, &self.queue, &error))
+    /// Queues the ack without waiting for its write: an ack the broker never gets only means a
+    /// redelivery, and the channel's close (after every queued frame) is awaited.
+    fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
+        let mut acking = pin!(self.channel.basic_ack(tag, BasicAckOptions { multiple }));
+        match queue_frames(acking.as_mut()) {
+            Poll::Ready(Err(error)) => Err(channel_error(&self.target, &self.queue, &error)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -164,7 +170,7 @@ impl Source for QueueSource {
 
     async fn acknowledge(&mut self, position: Position) -> Result<()> {
         for (tag, multiple) in ack_plan(self.acked_up_to, position.seq, &self.held) {
-            self.ack(tag, multiple).await?;
+            self.ack(tag, multiple)?;
         }
         self.acked_up_to = self.acked_up_to.max(position.seq);
         Ok(())
@@ -260,7 +266,7 @@ impl Sink for QueueSink {
     }
 
     async fn send(&mut self, _lane: u32, index: usize, message: &Delivery) -> Result<Confirmation> {
-        self.publish(index, message, None).await
+        self.publish(index, message, None)
     }
 
     async fn send_identified(
@@ -270,7 +276,7 @@ impl Sink for QueueSink {
         message: &Delivery,
         id: &[u8],
     ) -> Result<Confirmation> {
-        self.publish(index, message, Some(id)).await
+        self.publish(index, message, Some(id))
     }
 
     async fn close(self) -> Result<()> {
@@ -280,12 +286,7 @@ impl Sink for QueueSink {
 }
 
 impl QueueSink {
-    async fn publish(
-        &mut self,
-        index: usize,
-        message: &Delivery,
-        id: Option<&[u8]>,
-    ) -> Result<Confirmation> {
+    fn publish(&self, index: usize, message: &Delivery, id: Option<&[u8]>) -> Result<Confirmation> {
         // Through a named exchange the routing key carries what consumers may route on, which
         // the temporary queue's name would hide: it is recorded, once (a message forwarded twice
         // keeps where it was first published). Through the default exchange it is the source
@@ -319,23 +320,64 @@ impl QueueSink {
         } else {
             message.properties.clone()
         };
-        let queue = &self.queues[index];
-        let confirm = self
-            .channel
+        publish_confirmed(
+            &self.channel,
+            &self.target,
+            &self.queues[index],
+            &message.data,
+            properties,
+        )
+    }
+}
+
+/// Publishes `payload` to `queue` through the default exchange with `mandatory`; the returned
+/// confirmation resolves once the broker confirmed (or refused) it.
+pub fn publish_confirmed(
+    channel: &Channel,
+    target: &RabbitTarget,
+    queue: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> Result<Confirmation> {
+    let channel = channel.clone();
+    let routing_key = ShortString::from(queue);
+    let payload = payload.to_vec();
+    let mut publishing = Box::pin(async move {
+        channel
             .basic_publish(
                 "".into(),
-                queue.as_str().into(),
+                routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &message.data,
+                &payload,
                 properties,
             )
             .await
-            .map_err(|error| channel_error(&self.target, queue, &error))?;
-        Ok(confirmation(confirm))
+    });
+    // Waiting for the socket write here would hand every message to lapin's I/O thread on its
+    // own — one write and several thread wake-ups per message; left to the confirmation, the
+    // publishes queued meanwhile leave in one write.
+    match queue_frames(publishing.as_mut()) {
+        Poll::Ready(Ok(confirm)) => Ok(confirmation(confirm)),
+        Poll::Ready(Err(error)) => Err(channel_error(target, queue, &error)),
+        Poll::Pending => Ok(Box::pin(async move {
+            match publishing.await {
+                Ok(confirm) => confirmation(confirm).await,
+                Err(error) => Err(Refusal::fatal(format!(
+                    "the publishing channel failed: {error}"
+                ))),
+            }
+        })),
     }
+}
+
+/// Polls a lapin method future once. lapin takes the delivery tag and queues the method's frames
+/// on the first poll, in call order; what is left is waiting for the socket write, which nobody
+/// needs to be woken for (hence the no-op waker).
+fn queue_frames<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+    future.poll(&mut Context::from_waker(Waker::noop()))
 }
 
 /// What the loop awaits for one publish: the broker's confirm, a return or nack as a refusal.
