@@ -663,7 +663,13 @@ async fn stop_consumers_catches_a_reconnecting_app_and_passes_when_it_is_gone() 
     .await;
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let text = stderr(&output);
-    assert!(text.contains("still has 1 consumer(s)"), "{text}");
+    // At the deadline the app is connected (named, or not listed yet) or between two
+    // connections; either way mqdrain names the client whose connections it closed.
+    assert!(
+        text.contains("still has 1 consumer(s)") || text.contains("had had no consumers for only"),
+        "{text}"
+    );
+    assert!(text.contains("consumers came back"), "{text}");
     assert!(text.contains("orders-worker (reconnecting)"), "{text}");
     assert!(
         connections_made.load(std::sync::atomic::Ordering::SeqCst) >= 2,

@@ -63,40 +63,55 @@ async fn find_temp_queues(
     Ok(found)
 }
 
-/// Consumers of a queue that are not mqdrain's own and not the broker's shovels.
-async fn foreign_consumers(
+/// A queue's consumers in one management snapshot.
+struct ConsumerCensus {
+    /// Consumers of other applications: what stop-consumers waits for.
+    foreign: Vec<ClientRef>,
+    /// Consumers known to be mqdrain's own or the broker's shovels. One whose connection the
+    /// statistics cannot name (a closing channel, a connection not listed yet) is neither.
+    ours: u64,
+}
+
+async fn consumer_census(
     api: &Management,
     target: &RabbitTarget,
     queue: &str,
-) -> Result<Vec<ClientRef>> {
+) -> Result<ConsumerCensus> {
     let detail = queue_detail(api, target, queue).await?;
     let connections = api.connections().await?;
     let by_name: HashMap<&str, &ConnectionInfo> =
         connections.iter().map(|c| (c.name.as_str(), c)).collect();
-    Ok(detail
-        .consumer_details
-        .iter()
-        .filter_map(|consumer| {
-            let broker_name = consumer.channel_details.connection_name.clone()?;
-            let client_name = by_name
-                .get(broker_name.as_str())
-                .and_then(|connection| connection.client_name.clone());
-            let ours_or_shovel = client_name.as_deref().is_some_and(|name| {
-                name.starts_with(CONNECTION_NAME_PREFIX) || name.starts_with("Shovel ")
-            });
-            (!ours_or_shovel).then(|| ClientRef {
-                id: broker_name.clone(),
-                host: consumer.channel_details.peer_host.clone(),
-                who: Some(format!(
-                    "user {}{}",
-                    consumer.channel_details.user.as_deref().unwrap_or("?"),
-                    client_name
-                        .map(|name| format!(", client '{name}'"))
-                        .unwrap_or_default()
-                )),
-            })
-        })
-        .collect())
+    let mut census = ConsumerCensus {
+        foreign: Vec::new(),
+        ours: 0,
+    };
+    for consumer in &detail.consumer_details {
+        let Some(broker_name) = consumer.channel_details.connection_name.clone() else {
+            continue;
+        };
+        let client_name = by_name
+            .get(broker_name.as_str())
+            .and_then(|connection| connection.client_name.clone());
+        let ours_or_shovel = client_name.as_deref().is_some_and(|name| {
+            name.starts_with(CONNECTION_NAME_PREFIX) || name.starts_with("Shovel ")
+        });
+        if ours_or_shovel {
+            census.ours += 1;
+            continue;
+        }
+        census.foreign.push(ClientRef {
+            id: broker_name,
+            host: consumer.channel_details.peer_host.clone(),
+            who: Some(format!(
+                "user {}{}",
+                consumer.channel_details.user.as_deref().unwrap_or("?"),
+                client_name
+                    .map(|name| format!(", client '{name}'"))
+                    .unwrap_or_default()
+            )),
+        });
+    }
+    Ok(census)
 }
 
 pub async fn stop_consumers(
@@ -112,7 +127,7 @@ pub async fn stop_consumers(
     });
     let api = management(target)?;
     let mut actions = Vec::new();
-    let consumers = foreign_consumers(&api, target, &spec.name).await?;
+    let consumers = consumer_census(&api, target, &spec.name).await?.foreign;
     let exec_outcome = exec::operator_command(
         spec.exec.as_deref(),
         spec.exec_timeout,
@@ -121,7 +136,7 @@ pub async fn stop_consumers(
         &mut actions,
     )
     .await?;
-    let mut closed: Vec<String> = Vec::new();
+    let mut closed: Vec<ClientRef> = Vec::new();
     if spec.close_connections {
         if dry_run {
             for consumer in &consumers {
@@ -154,33 +169,37 @@ pub async fn stop_consumers(
     let connection = amqp::connect(target, &format!("stop-consumers {}", spec.name)).await?;
     let deadline = Instant::now() + spec.wait;
     let mut zero_since: Option<Instant> = None;
-    let remaining = loop {
-        let foreign = foreign_consumers(&api, target, &spec.name).await?;
+    let waited = loop {
+        let ConsumerCensus { foreign, ours } = consumer_census(&api, target, &spec.name).await?;
         // Consumers that show up late in the statistics, or reconnect, are closed as they appear.
         if spec.close_connections {
             close_new_connections(&api, &spec.name, &foreign, &mut closed, &mut actions).await?;
         }
-        // queue.declare counts every consumer in real time; the management list lags but names them.
+        // queue.declare counts every consumer in real time; the management list lags but names
+        // them. A consumer that reconnected shows in the live count before the list, while the
+        // list may still hold the closed one: only consumers the list knows as ours are
+        // discounted.
         let live = amqp::passive_declare(&connection, target, &spec.name)
             .await?
             .consumers;
-        let listed = queue_detail(&api, target, &spec.name)
-            .await?
-            .consumer_details
-            .len() as u64;
-        let ours_listed = listed.saturating_sub(foreign.len() as u64);
-        // A consumer that reconnected shows in the live count before the management list.
-        let zero = foreign.is_empty() && live <= ours_listed;
+        let zero = foreign.is_empty() && live <= ours;
         if zero {
             let since = *zero_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= STATS_SETTLE {
-                break Vec::new();
+                break Waited::Verified;
             }
         } else {
             zero_since = None;
         }
         if Instant::now() >= deadline {
-            break foreign;
+            // Running out of time is never a pass, not even at a moment that looked empty.
+            break match zero_since {
+                Some(since) => Waited::Unsettled(since.elapsed()),
+                None => Waited::Remaining {
+                    unnamed: live.saturating_sub(ours + foreign.len() as u64),
+                    named: foreign,
+                },
+            };
         }
         tokio::time::sleep(POLL).await;
     };
@@ -188,14 +207,34 @@ pub async fn stop_consumers(
     progress.emit(Event::StepFinished {
         step: "stop-consumers".into(),
     });
-    if !remaining.is_empty() {
-        return Err(Error::Broker(format!(
-            "queue '{}' still has {} consumer(s) after {}: {}. Stop them (--exec \"<your stop command>\" or --close-connections) and run stop-consumers again; an application that reconnects must be scaled down, not just disconnected",
-            spec.name,
-            remaining.len(),
-            humantime::format_duration(spec.wait),
-            remaining.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-        )));
+    match waited {
+        Waited::Verified => {}
+        Waited::Unsettled(quiet) => {
+            return Err(Error::Broker(format!(
+                "queue '{}' had had no consumers for only {:.1}s of the {:.1}s it takes to trust the statistics when --wait {} ran out{}; run stop-consumers again with a longer --wait",
+                spec.name,
+                quiet.as_secs_f64(),
+                STATS_SETTLE.as_secs_f64(),
+                humantime::format_duration(spec.wait),
+                came_back(&closed)
+            )));
+        }
+        Waited::Remaining { named, unnamed } => {
+            let mut listed: Vec<String> = named.iter().map(ToString::to_string).collect();
+            if unnamed > 0 {
+                listed.push(format!(
+                    "{unnamed} not named by the management statistics yet (just connected, or reconnecting)"
+                ));
+            }
+            return Err(Error::Broker(format!(
+                "queue '{}' still has {} consumer(s) after {}: {}{}. Stop them (--exec \"<your stop command>\" or --close-connections) and run stop-consumers again; an application that reconnects must be scaled down, not just disconnected",
+                spec.name,
+                named.len() as u64 + unnamed,
+                humantime::format_duration(spec.wait),
+                listed.join("; "),
+                came_back(&closed)
+            )));
+        }
     }
     actions.push(format!(
         "verified: queue '{}' has had no consumers for {:.1}s",
@@ -207,8 +246,34 @@ pub async fn stop_consumers(
         dry_run,
         exec: exec_outcome,
         actions,
-        remaining,
+        remaining: Vec::new(),
     })
+}
+
+/// The connections stop-consumers closed, for a failure: consumers came back after them.
+fn came_back(closed: &[ClientRef]) -> String {
+    if closed.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; mqdrain closed {} connection(s) meanwhile and consumers came back: {}",
+        closed.len(),
+        closed
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// How waiting for a queue without consumers ended.
+enum Waited {
+    /// No consumers, long enough to trust the statistics.
+    Verified,
+    /// None seen, but not yet for long enough when the wait ran out.
+    Unsettled(Duration),
+    /// Consumers the statistics name, and how many more the live count shows.
+    Remaining { named: Vec<ClientRef>, unnamed: u64 },
 }
 
 /// Closes the connections of `consumers` not closed before; each close is recorded in `actions`.
@@ -216,11 +281,11 @@ async fn close_new_connections(
     api: &Management,
     queue: &str,
     consumers: &[ClientRef],
-    closed: &mut Vec<String>,
+    closed: &mut Vec<ClientRef>,
     actions: &mut Vec<String>,
 ) -> Result<()> {
     for consumer in consumers {
-        if closed.contains(&consumer.id) {
+        if closed.iter().any(|done| done.id == consumer.id) {
             continue;
         }
         api.close_connection(
@@ -228,8 +293,8 @@ async fn close_new_connections(
             &format!("mqdrain stop-consumers: draining queue '{queue}'"),
         )
         .await?;
-        closed.push(consumer.id.clone());
         actions.push(format!("closed connection {consumer}"));
+        closed.push(consumer.clone());
     }
     Ok(())
 }
