@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -44,6 +45,19 @@ fn main() -> ExitCode {
             ui::print_error(format, &error);
             ExitCode::from(&error)
         }
+    }
+}
+
+/// The global allocator (mimalloc, brought in by a dependency) asks the kernel for transparent huge
+/// pages: every 2 MiB page it touches is cleared and resident as a whole. For a process holding a
+/// few MiB of live data that cost the forwarder a third of its peak RSS and CPU time clearing
+/// pages (measured: 54-60 MiB -> 38-39 MiB at the same backlog). Best effort: a kernel without
+/// the switch simply keeps huge pages.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 
