@@ -7,7 +7,7 @@
 use crate::broker::{kafka, rabbitmq};
 use crate::endpoint::Target;
 use crate::error::{Error, Result};
-use crate::progress::Progress;
+use crate::progress::{Event, Progress};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +58,21 @@ pub async fn pace(rate: Option<f64>, started: Instant, done: u64) {
         if let Some(wait) = due.checked_sub(started.elapsed()) {
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// A message body of `size` bytes that is readable in a queue browser.
+pub fn body(size: usize) -> Vec<u8> {
+    (0..size).map(|index| b'a' + (index % 26) as u8).collect()
+}
+
+/// Progress of a publisher or consumer: `done` so far, `in_flight` not yet confirmed.
+pub fn progress_event(done: u64, in_flight: usize, started: Instant) -> Event {
+    Event::Forwarded {
+        forwarded: done,
+        in_flight: in_flight as u64,
+        retries: 0,
+        rate: done as f64 / started.elapsed().as_secs_f64().max(0.001),
     }
 }
 

@@ -6,7 +6,9 @@ use super::drain::create_topic;
 use super::inspect::partition_ids;
 use crate::endpoint::KafkaTarget;
 use crate::error::{Error, Result};
-use crate::ops::load::{outcome, pace, ConsumeSpec, LoadOutcome, PublishSpec};
+use crate::ops::load::{
+    body, outcome, pace, progress_event, ConsumeSpec, LoadOutcome, PublishSpec,
+};
 use crate::progress::{Event, Progress};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
@@ -60,9 +62,7 @@ pub async fn publish(
     });
     let partitions = topic_partitions(target, spec).await?;
     let producer = client::confirming_producer(target, CLIENT_ID, "load", &[])?;
-    let body: Vec<u8> = (0..spec.size)
-        .map(|index| b'a' + (index % 26) as u8)
-        .collect();
+    let body = body(spec.size);
     let started = Instant::now();
     let mut pending = VecDeque::new();
     let mut delivered = 0u64;
@@ -86,12 +86,7 @@ pub async fn publish(
         pending.push_back(delivery);
         if pending.len() >= PUBLISH_WINDOW {
             delivered += settle(&mut pending, PUBLISH_WINDOW / 2, target, &spec.queue).await?;
-            progress.emit(Event::Forwarded {
-                forwarded: delivered,
-                in_flight: pending.len() as u64,
-                retries: 0,
-                rate: delivered as f64 / started.elapsed().as_secs_f64().max(0.001),
-            });
+            progress.emit(progress_event(delivered, pending.len(), started));
         }
     }
     let all = pending.len();
@@ -180,12 +175,7 @@ pub async fn consume(
             commit(&consumer, target, CommitMode::Async)?;
             committed = consumed;
             last_commit = Instant::now();
-            progress.emit(Event::Forwarded {
-                forwarded: consumed,
-                in_flight: 0,
-                retries: 0,
-                rate: consumed as f64 / started.elapsed().as_secs_f64().max(0.001),
-            });
+            progress.emit(progress_event(consumed, 0, started));
         }
         let next = tokio::select! {
             _ = cancel.cancelled() => break "signal",

@@ -4,7 +4,8 @@ use super::amqp::{self, channel_error, connection_error};
 use crate::endpoint::RabbitTarget;
 use crate::error::{Error, Result};
 use crate::ops::load::{
-    outcome, pace, ConsumeSpec, LoadOutcome, PublishSpec, LOAD_CONNECTION_PREFIX,
+    body, outcome, pace, progress_event, ConsumeSpec, LoadOutcome, PublishSpec,
+    LOAD_CONNECTION_PREFIX,
 };
 use crate::progress::{Event, Progress};
 use futures_util::StreamExt;
@@ -58,9 +59,7 @@ pub async fn publish(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|error| connection_error(target, &error))?;
-    let body: Vec<u8> = (0..spec.size)
-        .map(|index| b'a' + (index % 26) as u8)
-        .collect();
+    let body = body(spec.size);
     let started = Instant::now();
     let mut pending = VecDeque::new();
     let mut confirmed = 0u64;
@@ -98,12 +97,7 @@ pub async fn publish(
         pending.push_back(confirm);
         if pending.len() >= PUBLISH_WINDOW {
             confirmed += settle(&mut pending, PUBLISH_WINDOW / 2, target, &spec.queue).await?;
-            progress.emit(Event::Forwarded {
-                forwarded: confirmed,
-                in_flight: pending.len() as u64,
-                retries: 0,
-                rate: confirmed as f64 / started.elapsed().as_secs_f64().max(0.001),
-            });
+            progress.emit(progress_event(confirmed, pending.len(), started));
         }
     }
     let all = pending.len();
@@ -210,12 +204,7 @@ pub async fn consume(
                 idle_since = Instant::now();
                 if last_progress.elapsed() >= Duration::from_millis(500) {
                     last_progress = Instant::now();
-                    progress.emit(Event::Forwarded {
-                        forwarded: consumed,
-                        in_flight: 0,
-                        retries: 0,
-                        rate: consumed as f64 / started.elapsed().as_secs_f64().max(0.001),
-                    });
+                    progress.emit(progress_event(consumed, 0, started));
                 }
                 pace(spec.rate, started, consumed).await;
             }
