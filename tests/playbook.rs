@@ -20,6 +20,22 @@ fn scratch(prefix: &str) -> PathBuf {
     dir
 }
 
+/// A playbook that asks for approval, then touches a marker file: the marker says whether the run
+/// went past the approval. Returns the scratch directory, the playbook and the marker.
+fn approve_then_touch(prefix: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = scratch(prefix);
+    let marker = dir.join("ran");
+    let path = write(
+        &dir,
+        "approve.yaml",
+        &format!(
+            "name: approve\nsteps:\n  - approve: {{message: go?}}\n  - exec: {{command: 'touch {}'}}\n",
+            marker.display()
+        ),
+    );
+    (dir, path, marker)
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write playbook");
@@ -1210,16 +1226,7 @@ async fn early_errors_still_write_junit_and_report() {
 
 #[tokio::test]
 async fn approvals_need_a_terminal_or_yes() {
-    let dir = scratch("pb-approve");
-    let marker = dir.join("ran");
-    let path = write(
-        &dir,
-        "approve.yaml",
-        &format!(
-            "name: approve\nsteps:\n  - approve: {{message: go?}}\n  - exec: {{command: 'touch {}'}}\n",
-            marker.display()
-        ),
-    );
+    let (dir, path, marker) = approve_then_touch("pb-approve");
     let state = dir.join("state.json").display().to_string();
     let file = path.display().to_string();
     let output = mqdrain_env(&["playbook", "run", &file, "--state", &state]).await;
@@ -1362,16 +1369,7 @@ steps:
 /// the next step, "y" lets it go on.
 #[tokio::test]
 async fn an_approval_answered_no_stops_the_run() {
-    let dir = scratch("pb-answer");
-    let marker = dir.join("ran");
-    let path = write(
-        &dir,
-        "approve.yaml",
-        &format!(
-            "name: approve\nsteps:\n  - approve: {{message: go?}}\n  - exec: {{command: 'touch {}'}}\n",
-            marker.display()
-        ),
-    );
+    let (dir, path, marker) = approve_then_touch("pb-answer");
     let answer = |reply: &'static str, state: &str| {
         let command = format!(
             "{} playbook run {} --state {}",
